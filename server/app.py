@@ -1,0 +1,128 @@
+"""The engrain MCP server: construction, lifespan and resources."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version as package_version
+from typing import Any
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError
+from mcp.server.subscriptions import InMemorySubscriptionBus
+
+from server.dispatch import Dispatcher
+from server.host_client import HostClient
+from server.kernel_config import KernelConfig
+from server.notify import Notifier, install_legacy_subscriptions
+from server.pickup import Pickup, Watcher
+from server.state import AppState
+from server.tools import TOOLS, _kernel_info, run_view
+from store import Clock, Store
+from store.errors import NotFound
+from train_worker.protocol import check_kernel_name, check_run_id
+from train_worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_BASE = "embedded"
+
+INSTRUCTIONS = """\
+engrain teaches a local language model (a "kernel") from what you record, without letting it forget.
+
+Recommended loop:
+1. record_experiences(kernel, items=[{prompt, response, key_answer?, paraphrases?}]) to teach facts or behaviour.
+2. train_model(kernel) returns a run_id at once; poll training_status(run_id=...) for phase, progress and ETA,
+   or subscribe to the run's resource (engrain://runs/{run_id}) for an update when it ends.
+3. A run is deployed only if its quality gates pass (it learnt the new items, kept earlier ones, and did not drift
+   from the base model); a rejected run names the failing gate and by how much.
+4. query_kernel(kernel, prompt) to use it; feedback(query_id, rating, correction) to correct a wrong answer: the
+   correction becomes training data. You are the teacher.
+5. rollback_kernel(kernel) if a deployed version misbehaves; cancel_training(run_id) to stop a run.
+The kernel named 'default' always exists.
+"""
+
+
+def create_server(
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    token_verifier: Any = None,
+    auth: Any = None,
+) -> MCPServer[AppState]:
+    """Build the server. Settings are read when the lifespan starts unless given here."""
+
+    bus = InMemorySubscriptionBus()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
+        s = settings or Settings()
+        s.layout.ensure()
+        store = await Store.open(s.layout.db, clock)
+        try:
+            default_base = s.base_model or EMBEDDED_BASE
+            await store.kernels.ensure(
+                "default", default_base, "The kernel every agent shares unless it names another.", _default_config()
+            )
+            notifier = Notifier(bus)
+            dispatcher = Dispatcher(store, s.layout)
+            pickup = Pickup(store, s.layout, dispatcher, notifier.updated)
+            host = HostClient(f"http://{s.host_address}:{s.host_port}")
+            state = AppState(s, store, dispatcher, pickup, notifier, host, default_base)
+            await dispatcher.reconcile()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(Watcher(s.layout).run, pickup)
+                yield state
+                tg.cancel_scope.cancel()
+        finally:
+            await store.close()
+
+    mcp: MCPServer[AppState] = MCPServer(
+        name="engrain",
+        version=package_version("engrain"),
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        subscriptions=bus,
+        token_verifier=token_verifier,
+        auth=auth,
+    )
+    for fn in TOOLS:
+        mcp.add_tool(fn)
+    _add_resources(mcp)
+    install_legacy_subscriptions(mcp)
+    return mcp
+
+
+def _default_config() -> dict[str, Any]:
+    return KernelConfig().model_dump(mode="json")
+
+
+def _add_resources(mcp: MCPServer[AppState]) -> None:
+    @mcp.resource(
+        "engrain://kernels/{name}",
+        mime_type="application/json",
+        description="A kernel: its deployed version, counts, configuration and active run.",
+    )
+    async def kernel_resource(name: str, ctx: Context[AppState]) -> str:
+        state = ctx.request_context.lifespan_context
+        try:
+            kernel = await state.store.kernels.get(check_kernel_name(name))
+        except (NotFound, ValueError) as exc:
+            raise ResourceError(str(exc)) from exc
+        return (await _kernel_info(state, kernel)).model_dump_json(indent=2)
+
+    @mcp.resource(
+        "engrain://runs/{run_id}",
+        mime_type="application/json",
+        description="A training run: status, progress, metrics, gate outcomes and recent events.",
+    )
+    async def run_resource(run_id: str, ctx: Context[AppState]) -> str:
+        state = ctx.request_context.lifespan_context
+        try:
+            run = await state.store.runs.get(check_run_id(run_id))
+        except (NotFound, ValueError) as exc:
+            raise ResourceError(str(exc)) from exc
+        return json.dumps((await run_view(state, run, events=20)).model_dump(mode="json"), indent=2)

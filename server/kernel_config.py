@@ -1,0 +1,21 @@
+"""A kernel's stored configuration: how it trains, which gates guard it, and its answer schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from learning.config import GateThresholds, TrainSettings
+
+
+class KernelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    gates: GateThresholds = Field(default_factory=GateThresholds)
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema every answer must satisfy (checked by a gate)."
+    )
+    max_new_per_run: int = Field(default=256, ge=1, le=100_000, description="New experiences taken per run.")
+    replay_pool_max: int = Field(default=1024, ge=0, le=100_000, description="Trained experiences offered for replay.")

@@ -1,0 +1,27 @@
+"""What every tool call can reach: settings, store, dispatcher, pickup, notifier, host client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.dispatch import Dispatcher
+from server.host_client import HostClient
+from server.notify import Notifier
+from server.pickup import Pickup
+from store import Store
+from train_worker.settings import Layout, Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    dispatcher: Dispatcher
+    pickup: Pickup
+    notifier: Notifier
+    host: HostClient
+    default_base: str
+
+    @property
+    def layout(self) -> Layout:
+        return self.settings.layout

@@ -1,0 +1,404 @@
+"""The MCP tools. Each returns a pydantic model (its structured output) or raises a `ToolError` that says what to do."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field
+
+from learning.config import GateThresholds, TrainSettings
+from server.dispatch import NothingToTrain
+from server.host_client import HostError, HostUnavailable
+from server.kernel_config import KernelConfig
+from server.limits import check_experience, check_text
+from server.outputs import (
+    EventView,
+    ExperienceIn,
+    FeedbackResult,
+    KernelInfo,
+    KernelList,
+    QueryResult,
+    RecordResult,
+    RollbackResult,
+    RunView,
+    StatusResult,
+    TrainStarted,
+)
+from server.pickup import kernel_uri, run_uri
+from server.state import AppState
+from store.errors import StoreError
+from store.models import ExperienceSource, Kernel, NewExperience, Run
+from train_worker.deploy import DeployError, KernelFiles
+from train_worker.protocol import GateOutcome, KernelName, RunId, check_kernel_name, check_run_id
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TOOLS: list[Callable[..., Awaitable[Any]]] = []
+
+KernelArg = Annotated[str, Field(description="Kernel name, e.g. 'default'.")]
+
+
+def tool(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Register a tool; expected store failures become `ToolError`s carrying their message."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain) as exc:
+            raise ToolError(str(exc)) from exc
+
+    TOOLS.append(wrapper)
+    return wrapper
+
+
+def _state(ctx: Context[AppState]) -> AppState:
+    return ctx.request_context.lifespan_context
+
+
+def _kernel_name(name: str) -> str:
+    try:
+        return check_kernel_name(name)
+    except ValueError as exc:
+        raise ToolError(str(exc)) from exc
+
+
+async def _kernel_info(state: AppState, kernel: Kernel) -> KernelInfo:
+    active = await state.store.runs.active_for_kernel(kernel.name)
+    return KernelInfo(
+        name=kernel.name,
+        uri=kernel_uri(kernel.name),
+        base_model=kernel.base_model,
+        description=kernel.description,
+        status=kernel.status,
+        deployed_version=kernel.deployed_version,
+        experiences=await state.store.experiences.count(kernel.name),
+        untrained=await state.store.experiences.count_untrained(kernel.name),
+        active_run=active.id if active else None,
+        config=KernelConfig.model_validate(kernel.config),
+    )
+
+
+async def run_view(state: AppState, run: Run, events: int = 5) -> RunView:
+    gates = [GateOutcome.model_validate(g) for g in run.gates or []]
+    return RunView(
+        run_id=run.id,
+        kernel=run.kernel,
+        uri=run_uri(run.id),
+        status=run.status,
+        trigger=run.trigger,
+        phase=run.phase,
+        progress=run.progress,
+        step=run.step,
+        total_steps=run.total_steps,
+        loss=run.loss,
+        tokens_per_s=run.tokens_per_s,
+        eta_s=run.eta_s,
+        message=run.message,
+        n_new=run.n_new,
+        n_replay=run.n_replay,
+        base_version=run.base_version,
+        new_version=run.new_version,
+        metrics=run.metrics,
+        gates=gates,
+        failed_gates=[g.name for g in gates if g.status == "failed"],
+        error=run.error,
+        cancel_requested=run.cancel_requested,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        recent_events=[
+            EventView.model_validate(e.model_dump()) for e in await state.store.runs.events(run.id, limit=events)
+        ],
+    )
+
+
+@tool
+async def create_kernel(
+    name: Annotated[KernelName, Field(description="New kernel's name: a-z, 0-9, '-', '_' (max 63).")],
+    ctx: Context[AppState],
+    base_model: Annotated[
+        str | None, Field(description="Local Hugging Face model directory; omit for the server's default.")
+    ] = None,
+    description: Annotated[str, Field(max_length=2000)] = "",
+    settings: Annotated[TrainSettings | None, Field(description="Training settings; omit for defaults.")] = None,
+    gates: Annotated[GateThresholds | None, Field(description="Quality gates; omit for defaults.")] = None,
+    output_schema: Annotated[
+        dict[str, Any] | None, Field(description="JSON Schema every answer must satisfy, checked by a gate.")
+    ] = None,
+) -> KernelInfo:
+    """Create a kernel: a named adapter over a base model that learns from its own experiences."""
+    state = _state(ctx)
+    base = state.default_base
+    if base_model is not None:
+        path = Path(base_model).expanduser()
+        if not path.is_absolute() or not (path / "config.json").is_file():
+            raise ToolError(
+                f"base_model {base_model!r} is not a local Hugging Face model directory (an absolute path "
+                "holding config.json). engrain never downloads models; omit base_model for the default."
+            )
+        base = str(path.resolve())
+    if output_schema is not None:
+        _check_schema(output_schema)
+    config = KernelConfig(
+        train=settings or TrainSettings(), gates=gates or GateThresholds(), output_schema=output_schema
+    )
+    kernel = await state.store.kernels.create(name, base, description, config.model_dump(mode="json"))
+    return await _kernel_info(state, kernel)
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    import jsonschema  # deferred: only kernels with an output schema need it
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ToolError(f"output_schema is not a valid JSON Schema: {exc.message}") from exc
+
+
+@tool
+async def list_kernels(ctx: Context[AppState]) -> KernelList:
+    """List every kernel with its deployed version, experience counts and any active run."""
+    state = _state(ctx)
+    return KernelList(kernels=[await _kernel_info(state, k) for k in await state.store.kernels.all()])
+
+
+@tool
+async def record_experience(
+    kernel: KernelArg,
+    prompt: Annotated[str, Field(description="What the model is asked.")],
+    response: Annotated[str, Field(description="The answer it should learn to give.")],
+    ctx: Context[AppState],
+    system: Annotated[str | None, Field(description="Optional system prompt.")] = None,
+    source: ExperienceSource = "agent",
+    idempotency_key: Annotated[
+        str | None, Field(max_length=200, description="Recording twice with one key stores once.")
+    ] = None,
+    key_answer: Annotated[
+        str | None, Field(description="The part of the response a correct answer must contain.")
+    ] = None,
+    paraphrases: Annotated[list[str] | None, Field(max_length=16, description="Other wordings of the prompt.")] = None,
+    priority: Annotated[float, Field(ge=0, le=100, description="Higher trains first.")] = 1.0,
+) -> RecordResult:
+    """Record one experience (prompt → desired response) for a kernel to learn on its next run."""
+    item = ExperienceIn(
+        prompt=prompt,
+        response=response,
+        system=system,
+        source=source,
+        idempotency_key=idempotency_key,
+        key_answer=key_answer,
+        paraphrases=paraphrases or [],
+        priority=priority,
+    )
+    return await _record(_state(ctx), kernel, [item], single=True)
+
+
+@tool
+async def record_experiences(
+    kernel: KernelArg,
+    items: Annotated[list[ExperienceIn], Field(min_length=1, description="Up to 1000 experiences.")],
+    ctx: Context[AppState],
+) -> RecordResult:
+    """Record a batch of experiences in one transaction: all are stored, or none."""
+    return await _record(_state(ctx), kernel, items, single=False)
+
+
+async def _record(state: AppState, kernel: str, items: list[ExperienceIn], *, single: bool) -> RecordResult:
+    limit = state.settings.max_batch_items
+    if len(items) > limit:
+        raise ToolError(f"items holds {len(items)} experiences; the limit is {limit} per call. Send several batches.")
+    name = _kernel_name(kernel)
+    await state.store.kernels.get(name)
+    for n, item in enumerate(items):
+        where = "" if single else f"items[{n}]."
+        check_experience(
+            state.settings, where, item.prompt, item.response, item.system, item.key_answer, item.paraphrases
+        )
+    added = await state.store.experiences.add_many(
+        name, [NewExperience.model_validate(item.model_dump()) for item in items]
+    )
+    duplicates = sum(1 for a in added if a.duplicate)
+    return RecordResult(
+        kernel=name,
+        ids=[a.id for a in added],
+        created=len(added) - duplicates,
+        duplicates=duplicates,
+        untrained=await state.store.experiences.count_untrained(name),
+    )
+
+
+@tool
+async def train_model(kernel: KernelArg, ctx: Context[AppState]) -> TrainStarted:
+    """Start training a kernel on its untrained experiences. Returns at once; poll training_status."""
+    state = _state(ctx)
+    name = _kernel_name(kernel)
+    await state.store.kernels.get(name)
+    if state.layout.estop.exists():
+        raise ToolError(
+            f"training is stopped by the e-stop file {state.layout.estop}; an operator must remove it "
+            "before any run, manual or automatic, can start"
+        )
+    run, existing = await state.dispatcher.request(name)
+    if existing:
+        message = f"run {run.id} for {name} is already {run.status}; this returns it instead of starting another"
+    elif run.status == "queued":
+        message = f"queued: another kernel's run holds the trainer; {run.id} starts when it ends"
+    else:
+        message = f"requested: the worker picks {run.id} up shortly; poll training_status(run_id=...)"
+    return TrainStarted(
+        run_id=run.id,
+        kernel=name,
+        status=run.status,
+        status_uri=run_uri(run.id),
+        already_active=existing,
+        n_new=run.n_new,
+        n_replay=run.n_replay,
+        message=message,
+    )
+
+
+@tool
+async def training_status(
+    ctx: Context[AppState],
+    run_id: Annotated[RunId | None, Field(description="A run id from train_model.")] = None,
+    kernel: Annotated[str | None, Field(description="A kernel: its latest runs.")] = None,
+) -> StatusResult:
+    """A run's or a kernel's training status: phase, progress, loss, ETA, metrics, gates and errors."""
+    state = _state(ctx)
+    await state.pickup.sweep()  # fresh progress, not the last background pass
+    if run_id is not None:
+        run = await state.store.runs.get(check_run_id(run_id))
+        return StatusResult(run=await run_view(state, run, events=10))
+    if kernel is not None:
+        k = await state.store.kernels.get(_kernel_name(kernel))
+        runs = await state.store.runs.recent(k.name, limit=10)
+        views = [await run_view(state, r) for r in runs]
+        return StatusResult(run=views[0] if views else None, kernel=await _kernel_info(state, k), runs=views)
+    active = await state.store.runs.with_status("queued", "requested", "running", "evaluating")
+    return StatusResult(runs=[await run_view(state, r) for r in active])
+
+
+@tool
+async def query_kernel(
+    kernel: KernelArg,
+    prompt: Annotated[str, Field(description="The question or instruction.")],
+    ctx: Context[AppState],
+    max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 128,
+    system: Annotated[str | None, Field(description="Optional system prompt.")] = None,
+) -> QueryResult:
+    """Ask a kernel (greedy decoding). The answer is logged; rate or correct it with feedback."""
+    state = _state(ctx)
+    name = _kernel_name(kernel)
+    await state.store.kernels.get(name)
+    check_text("prompt", prompt, state.settings.max_prompt_chars, "ENGRAIN_MAX_PROMPT_CHARS")
+    check_text("system", system, state.settings.max_system_chars, "ENGRAIN_MAX_SYSTEM_CHARS", required=False)
+    started = time.perf_counter()
+    reply = await state.host.chat(name, prompt, system, max_new_tokens)
+    latency_ms = (time.perf_counter() - started) * 1000
+    text = reply.choices[0].message.content
+    interaction = await state.store.interactions.add(name, reply.engrain_version, prompt, system, text, latency_ms)
+    return QueryResult(kernel=name, version=reply.engrain_version, response=text, query_id=interaction.id)
+
+
+@tool
+async def feedback(
+    query_id: Annotated[int, Field(description="The query_id query_kernel returned.")],
+    rating: Annotated[int, Field(ge=1, le=5, description="1 = wrong … 5 = perfect.")],
+    ctx: Context[AppState],
+    correction: Annotated[
+        str | None, Field(description="The answer the kernel should have given; it becomes training data.")
+    ] = None,
+) -> FeedbackResult:
+    """Rate a query_kernel answer; a correction is recorded as a training experience (you are the teacher)."""
+    state = _state(ctx)
+    interaction = await state.store.interactions.get(query_id)
+    experience_id = None
+    if correction is not None:
+        check_text("correction", correction, state.settings.max_response_chars, "ENGRAIN_MAX_RESPONSE_CHARS")
+        [added] = await state.store.experiences.add_many(
+            interaction.kernel,
+            [
+                NewExperience(
+                    prompt=interaction.prompt,
+                    response=correction,
+                    system=interaction.system,
+                    source="correction",
+                    interaction_id=interaction.id,
+                    priority=2.0,
+                )
+            ],
+        )
+        experience_id = added.id
+    await state.store.interactions.set_feedback(query_id, rating, correction, experience_id)
+    return FeedbackResult(
+        query_id=query_id,
+        rating=rating,
+        correction_experience_id=experience_id,
+        untrained=await state.store.experiences.count_untrained(interaction.kernel),
+    )
+
+
+@tool
+async def cancel_training(
+    run_id: Annotated[RunId, Field(description="The run to cancel.")], ctx: Context[AppState]
+) -> RunView:
+    """Cancel a run: at once if the worker has not started it, otherwise at the worker's next step."""
+    state = _state(ctx)
+    run = await state.store.runs.get(run_id)
+    if not run.active:
+        raise ToolError(f"run {run_id} already ended as {run.status}; nothing to cancel")
+    run = await state.dispatcher.cancel(run)
+    await state.notifier.updated(run_uri(run.id), kernel_uri(run.kernel))
+    return await run_view(state, run)
+
+
+@tool
+async def rollback_kernel(
+    kernel: KernelArg,
+    ctx: Context[AppState],
+    version: Annotated[
+        int | None, Field(ge=0, description="Version to serve; omit for the previous one; 0 for the bare base.")
+    ] = None,
+) -> RollbackResult:
+    """Serve an earlier adapter version of a kernel (or the bare base model)."""
+    state = _state(ctx)
+    name = _kernel_name(kernel)
+    k = await state.store.kernels.get(name)
+    files = KernelFiles(state.layout, name)
+    with files.locked():
+        current = files.current()
+        on_disk = files.versions()
+        if version is None:
+            earlier = [v for v in on_disk if current is None or v < current]
+            if not earlier:
+                raise ToolError(
+                    f"kernel {name!r} has no version before {_vname(current)} to roll back to; "
+                    "pass version=0 to serve the bare base model"
+                )
+            target: int | None = earlier[-1]
+        else:
+            target = version or None
+            if target is not None and target not in on_disk:
+                kept = ", ".join(f"v{v}" for v in on_disk) or "none"
+                raise ToolError(f"kernel {name!r} has no version v{target} on disk (kept: {kept})")
+        files.switch(target)
+    await state.store.versions.mark_deployed(name, target)
+    await state.notifier.updated(kernel_uri(name))
+    return RollbackResult(
+        kernel=name,
+        from_version=k.deployed_version,
+        to_version=target,
+        message=f"{name} now serves {_vname(target)}; the model host follows within a second",
+    )
+
+
+def _vname(version: int | None) -> str:
+    return "the bare base model" if version is None else f"v{version}"

@@ -1,0 +1,88 @@
+"""The SQLite connection pair: one writer (serialised transactions) and one reader (WAL snapshot)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from store.clock import Clock
+from store.migrations import apply_migrations
+
+log = logging.getLogger(__name__)
+
+Params = Sequence[Any] | dict[str, Any]
+
+
+class Database:
+    """All SQL goes through here. Writes are serialised on one connection; reads never block them."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, clock: Clock) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = anyio.Lock()
+        self.clock = clock
+        self.schema_version = 0
+
+    @classmethod
+    async def open(cls, path: Path, clock: Clock | None = None) -> Database:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clock = clock or Clock()
+        writer = await _connect(path)
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            db_version = await apply_migrations(writer, clock.iso())
+            reader = await _connect(path)
+            await reader.execute("PRAGMA query_only=ON")
+        except BaseException:
+            await writer.close()
+            raise
+        db = cls(writer, reader, clock)
+        db.schema_version = db_version
+        return db
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: committed on success, rolled back on any error or cancellation."""
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._writer.rollback()
+                raise
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self._writer.commit()
+
+    async def fetchone(self, sql: str, params: Params = ()) -> aiosqlite.Row | None:
+        async with self._reader.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def fetchall(self, sql: str, params: Params = ()) -> Iterable[aiosqlite.Row]:
+        async with self._reader.execute(sql, params) as cur:
+            return await cur.fetchall()
+
+    async def scalar(self, sql: str, params: Params = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so transactions are explicit.
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = aiosqlite.Row
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await conn.execute("PRAGMA busy_timeout=5000")
+    await conn.execute("PRAGMA synchronous=NORMAL")
+    return conn

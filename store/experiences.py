@@ -1,0 +1,163 @@
+"""The experiences table: what agents teach, deduplicated by idempotency key and content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+from store.db import Database
+from store.errors import Conflict, NotFound
+from store.models import UNTRAINED_STATUSES, AddedExperience, Experience, ExperienceStatus, NewExperience
+
+_UNTRAINED = "('" + "', '".join(UNTRAINED_STATUSES) + "')"
+
+
+def content_hash(prompt: str, response: str, system: str | None) -> str:
+    """Identity of an experience's content: the same teaching is never stored twice."""
+    return hashlib.sha256(json.dumps([prompt, response, system]).encode()).hexdigest()
+
+
+class Experiences:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def add_many(self, kernel: str, items: Sequence[NewExperience]) -> list[AddedExperience]:
+        """Store a batch in one transaction. Duplicates return the stored id; a reused key conflicts."""
+        hashes = [content_hash(i.prompt, i.response, i.system) for i in items]
+        keys = [i.idempotency_key for i in items if i.idempotency_key is not None]
+        now = self._db.clock.iso()
+        async with self._db.transaction() as tx:
+            by_hash: dict[str, int] = {}
+            by_key: dict[str, tuple[int, str]] = {}
+            # Chunked lookups keep the statement under SQLite's variable limit.
+            for chunk in _chunks(sorted(set(hashes)), 500):
+                sql = (
+                    "SELECT id, content_hash FROM experiences WHERE kernel = ? AND content_hash IN "
+                    f"({','.join('?' * len(chunk))})"
+                )
+                async with tx.execute(sql, (kernel, *chunk)) as cur:
+                    by_hash.update({r[1]: r[0] for r in await cur.fetchall()})
+            for chunk in _chunks(sorted(set(keys)), 500):
+                sql = (
+                    "SELECT id, idempotency_key, content_hash FROM experiences WHERE kernel = ? AND "
+                    f"idempotency_key IN ({','.join('?' * len(chunk))})"
+                )
+                async with tx.execute(sql, (kernel, *chunk)) as cur:
+                    by_key.update({r[1]: (r[0], r[2]) for r in await cur.fetchall()})
+
+            outcomes: list[AddedExperience | None] = []
+            to_insert: list[tuple[int, NewExperience, str]] = []
+            pending_hash: dict[str, int] = {}  # content first seen in this batch -> its index
+            pending_key: dict[str, int] = {}
+            for index, (item, digest) in enumerate(zip(items, hashes, strict=True)):
+                key = item.idempotency_key
+                if key is not None and key in by_key:
+                    stored_id, stored_hash = by_key[key]
+                    if stored_hash != digest:
+                        raise Conflict(
+                            f"items[{index}]: idempotency_key {key!r} was already used for experience "
+                            f"{stored_id} with different content; use a new key for new content"
+                        )
+                    outcomes.append(AddedExperience(id=stored_id, duplicate=True))
+                    continue
+                if key is not None and key in pending_key:
+                    first = pending_key[key]
+                    if hashes[first] != digest:
+                        raise Conflict(
+                            f"items[{index}]: idempotency_key {key!r} is also used by items[{first}] "
+                            "with different content; give each experience its own key"
+                        )
+                if digest in by_hash:
+                    outcomes.append(AddedExperience(id=by_hash[digest], duplicate=True))
+                    continue
+                if digest in pending_hash or (key is not None and key in pending_key):
+                    outcomes.append(None)  # resolved to the first occurrence's id below
+                    continue
+                pending_hash[digest] = index
+                if key is not None:
+                    pending_key[key] = index
+                outcomes.append(None)
+                to_insert.append((index, item, digest))
+
+            if to_insert:
+                await tx.executemany(
+                    "INSERT INTO experiences (kernel, prompt, response, system, key_answer, paraphrases,"
+                    " source, priority, idempotency_key, content_hash, interaction_id, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            kernel, i.prompt, i.response, i.system, i.key_answer, json.dumps(i.paraphrases),
+                            i.source, i.priority, i.idempotency_key, d, i.interaction_id, now, now,
+                        )
+                        for _, i, d in to_insert
+                    ],
+                )  # fmt: skip
+                # One writer, one transaction, no deletes in between: rowids are consecutive.
+                async with tx.execute("SELECT last_insert_rowid()") as cur:
+                    row = await cur.fetchone()
+                assert row is not None
+                first_id = int(row[0]) - len(to_insert) + 1
+                new_ids = {index: first_id + n for n, (index, _, _) in enumerate(to_insert)}
+            else:
+                new_ids = {}
+
+        result: list[AddedExperience] = []
+        for index, outcome in enumerate(outcomes):
+            if outcome is not None:
+                result.append(outcome)
+            elif index in new_ids:
+                result.append(AddedExperience(id=new_ids[index], duplicate=False))
+            else:
+                key = items[index].idempotency_key
+                first = pending_key[key] if key is not None and key in pending_key else pending_hash[hashes[index]]
+                result.append(AddedExperience(id=new_ids[first], duplicate=True))
+        return result
+
+    async def get(self, experience_id: int) -> Experience:
+        row = await self._db.fetchone("SELECT * FROM experiences WHERE id = ?", (experience_id,))
+        if row is None:
+            raise NotFound(f"no experience with id {experience_id}")
+        return Experience.from_row(row)  # type: ignore[no-any-return]
+
+    async def count(self, kernel: str, status: ExperienceStatus | None = None) -> int:
+        if status is None:
+            return int(await self._db.scalar("SELECT COUNT(*) FROM experiences WHERE kernel = ?", (kernel,)))
+        sql = "SELECT COUNT(*) FROM experiences WHERE kernel = ? AND status = ?"
+        return int(await self._db.scalar(sql, (kernel, status)))
+
+    async def count_untrained(self, kernel: str) -> int:
+        sql = f"SELECT COUNT(*) FROM experiences WHERE kernel = ? AND status IN {_UNTRAINED}"
+        return int(await self._db.scalar(sql, (kernel,)))
+
+    async def untrained(self, kernel: str, limit: int) -> list[Experience]:
+        rows = await self._db.fetchall(
+            f"SELECT * FROM experiences WHERE kernel = ? AND status IN {_UNTRAINED} ORDER BY priority DESC, id LIMIT ?",
+            (kernel, limit),
+        )
+        return [Experience.from_row(r) for r in rows]
+
+    async def replay_pool(self, kernel: str, limit: int) -> list[Experience]:
+        """Up to `limit` trained experiences, a uniform sample when there are more, oldest first."""
+        rows = await self._db.fetchall(
+            "SELECT * FROM (SELECT * FROM experiences WHERE kernel = ? AND status = 'trained'"
+            " ORDER BY random() LIMIT ?) ORDER BY id",
+            (kernel, limit),
+        )
+        return [Experience.from_row(r) for r in rows]
+
+    async def for_kernel(
+        self, kernel: str, status: ExperienceStatus | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Experience]:
+        where, params = "kernel = ?", [kernel]
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status)
+        rows = await self._db.fetchall(
+            f"SELECT * FROM experiences WHERE {where} ORDER BY id LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
+        return [Experience.from_row(r) for r in rows]
+
+
+def _chunks(values: list[str], size: int) -> list[list[str]]:
+    return [values[i : i + size] for i in range(0, len(values), size)]

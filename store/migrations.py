@@ -1,0 +1,192 @@
+"""Numbered schema migrations, each applied once inside a transaction."""
+
+from __future__ import annotations
+
+import logging
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+# Append only: a released migration is never edited. Each entry is (version, name, sql).
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial",
+        """
+        CREATE TABLE kernels (
+            name             TEXT PRIMARY KEY,
+            base_model       TEXT NOT NULL,
+            description      TEXT NOT NULL DEFAULT '',
+            config           TEXT NOT NULL,
+            deployed_version INTEGER,
+            status           TEXT NOT NULL DEFAULT 'active'
+                             CHECK (status IN ('active', 'converged', 'paused')),
+            created_at       TEXT NOT NULL,
+            updated_at       TEXT NOT NULL
+        );
+
+        CREATE TABLE runs (
+            id               TEXT PRIMARY KEY,
+            kernel           TEXT NOT NULL REFERENCES kernels(name),
+            status           TEXT NOT NULL CHECK (status IN ('queued', 'requested', 'running',
+                             'evaluating', 'deployed', 'rejected', 'failed', 'cancelled')),
+            trigger          TEXT NOT NULL DEFAULT 'manual' CHECK (trigger IN ('manual', 'auto')),
+            phase            TEXT,
+            step             INTEGER,
+            total_steps      INTEGER,
+            progress         REAL,
+            loss             REAL,
+            tokens_per_s     REAL,
+            eta_s            REAL,
+            message          TEXT,
+            n_new            INTEGER NOT NULL DEFAULT 0,
+            n_replay         INTEGER NOT NULL DEFAULT 0,
+            base_version     INTEGER,
+            new_version      INTEGER,
+            metrics          TEXT,
+            gates            TEXT,
+            error            TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            events_offset    INTEGER NOT NULL DEFAULT 0,
+            created_at       TEXT NOT NULL,
+            requested_at     TEXT,
+            started_at       TEXT,
+            finished_at      TEXT,
+            updated_at       TEXT NOT NULL
+        );
+        CREATE INDEX runs_kernel_status ON runs(kernel, status);
+        CREATE INDEX runs_status_created ON runs(status, created_at);
+
+        CREATE TABLE experiences (
+            id              INTEGER PRIMARY KEY,
+            kernel          TEXT NOT NULL REFERENCES kernels(name),
+            prompt          TEXT NOT NULL,
+            response        TEXT NOT NULL,
+            system          TEXT,
+            key_answer      TEXT,
+            paraphrases     TEXT NOT NULL DEFAULT '[]',
+            source          TEXT NOT NULL CHECK (source IN ('agent', 'correction', 'import')),
+            status          TEXT NOT NULL DEFAULT 'new'
+                            CHECK (status IN ('new', 'trained', 'needs_improvement', 'excluded')),
+            priority        REAL NOT NULL DEFAULT 1.0,
+            idempotency_key TEXT,
+            content_hash    TEXT NOT NULL,
+            trained_run_id  TEXT REFERENCES runs(id),
+            last_loss       REAL,
+            interaction_id  INTEGER REFERENCES interactions(id),
+            created_at      TEXT NOT NULL,
+            updated_at      TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX experiences_key ON experiences(kernel, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE UNIQUE INDEX experiences_hash ON experiences(kernel, content_hash);
+        CREATE INDEX experiences_kernel_status ON experiences(kernel, status);
+
+        -- Which experiences a run was given, so a deploy marks exactly those as trained.
+        CREATE TABLE run_items (
+            run_id        TEXT NOT NULL REFERENCES runs(id),
+            experience_id INTEGER NOT NULL REFERENCES experiences(id),
+            role          TEXT NOT NULL CHECK (role IN ('new', 'replay')),
+            PRIMARY KEY (run_id, experience_id)
+        );
+
+        CREATE TABLE run_events (
+            id           INTEGER PRIMARY KEY,
+            run_id       TEXT NOT NULL REFERENCES runs(id),
+            seq          INTEGER NOT NULL,
+            ts           TEXT NOT NULL,
+            phase        TEXT NOT NULL,
+            step         INTEGER,
+            total_steps  INTEGER,
+            epoch        REAL,
+            loss         REAL,
+            tokens_per_s REAL,
+            eta_s        REAL,
+            message      TEXT,
+            UNIQUE (run_id, seq)
+        );
+
+        CREATE TABLE versions (
+            kernel      TEXT NOT NULL REFERENCES kernels(name),
+            version     INTEGER NOT NULL,
+            run_id      TEXT REFERENCES runs(id),
+            path        TEXT NOT NULL,
+            metrics     TEXT,
+            status      TEXT NOT NULL DEFAULT 'available'
+                        CHECK (status IN ('available', 'deployed', 'retired', 'pruned')),
+            converged   INTEGER NOT NULL DEFAULT 0,
+            created_at  TEXT NOT NULL,
+            deployed_at TEXT,
+            PRIMARY KEY (kernel, version)
+        );
+
+        CREATE TABLE interactions (
+            id                       INTEGER PRIMARY KEY,
+            kernel                   TEXT NOT NULL REFERENCES kernels(name),
+            version                  INTEGER,
+            prompt                   TEXT NOT NULL,
+            system                   TEXT,
+            response                 TEXT NOT NULL,
+            latency_ms               REAL,
+            rating                   INTEGER,
+            correction               TEXT,
+            correction_experience_id INTEGER REFERENCES experiences(id),
+            created_at               TEXT NOT NULL,
+            feedback_at              TEXT
+        );
+        CREATE INDEX interactions_kernel ON interactions(kernel, created_at);
+
+        CREATE TABLE quarantine (
+            id          INTEGER PRIMARY KEY,
+            original    TEXT NOT NULL,
+            stored_as   TEXT NOT NULL,
+            reason      TEXT NOT NULL,
+            created_at  TEXT NOT NULL
+        );
+        """,
+    ),
+]
+
+
+async def apply_migrations(db: aiosqlite.Connection, clock_iso: str) -> int:
+    """Bring the schema up to date; return the resulting schema version."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    await db.commit()
+    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    newest = max(v for v, _, _ in MIGRATIONS)
+    if current > newest:
+        raise RuntimeError(
+            f"database schema is version {current}, newer than this engrain knows ({newest}); "
+            "upgrade engrain or point ENGRAIN_HOME at another directory"
+        )
+    for version, name, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        log.info("applying migration %04d_%s", version, name)
+        # executescript would commit on its own; run statement by statement inside one transaction.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(sql):
+                await db.execute(statement)
+            await db.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, clock_iso),
+            )
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+        current = version
+    return current
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (no semicolons inside our string literals)."""
+    lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,162 @@
+"""The SQLite store: migrations, WAL, timestamps, deduplication and the run lifecycle."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from store import Clock, Store
+from store.clock import from_iso, to_iso
+from store.errors import Conflict, NotFound
+from store.migrations import MIGRATIONS
+from store.models import NewExperience
+
+pytestmark = pytest.mark.anyio
+
+
+async def _store(tmp_path: Path, clock: Clock | None = None) -> Store:
+    store = await Store.open(tmp_path / "engrain.db", clock)
+    await store.kernels.create("k", "embedded", "", {})
+    return store
+
+
+def _exp(n: int, **kw: object) -> NewExperience:
+    return NewExperience.model_validate({"prompt": f"q{n}", "response": f"a{n}", **kw})
+
+
+async def test_migrations_apply_once_and_record_the_version(tmp_path: Path) -> None:
+    path = tmp_path / "engrain.db"
+    store = await Store.open(path)
+    assert store.db.schema_version == len(MIGRATIONS)
+    await store.close()
+    store = await Store.open(path)  # a second open applies nothing
+    await store.close()
+    with sqlite3.connect(path) as raw:
+        rows = raw.execute("SELECT version, name FROM schema_migrations").fetchall()
+        assert rows == [(v, n) for v, n, _ in MIGRATIONS]
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"kernels", "experiences", "runs", "run_events", "versions", "interactions"} <= tables
+
+
+async def test_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
+    path = tmp_path / "engrain.db"
+    await (await Store.open(path)).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("INSERT INTO schema_migrations VALUES (999, 'future', '2030-01-01T00:00:00+00:00')")
+    with pytest.raises(RuntimeError, match="newer than this engrain knows"):
+        await Store.open(path)
+
+
+async def test_timestamps_are_utc_iso_text(tmp_path: Path) -> None:
+    fixed = datetime(2026, 11, 23, 20, 0, tzinfo=UTC) + timedelta(microseconds=5)
+    store = await _store(tmp_path, Clock(lambda: fixed))
+    kernel = await store.kernels.get("k")
+    assert kernel.created_at == fixed
+    raw = await store.db.scalar("SELECT created_at FROM kernels WHERE name = 'k'")
+    assert raw == "2026-11-23T20:00:00.000005+00:00"
+    assert from_iso(raw) == fixed
+    with pytest.raises(ValueError, match="naive"):
+        to_iso(datetime(2026, 1, 1))
+    await store.close()
+
+
+async def test_add_many_deduplicates_by_key_and_content(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    first = await store.experiences.add_many("k", [_exp(1, idempotency_key="x"), _exp(2), _exp(2)])
+    assert [a.duplicate for a in first] == [False, False, True]
+    assert first[1].id == first[2].id
+    again = await store.experiences.add_many("k", [_exp(1, idempotency_key="x"), _exp(2), _exp(3)])
+    assert [a.duplicate for a in again] == [True, True, False]
+    assert again[0].id == first[0].id and again[1].id == first[1].id
+    assert await store.experiences.count("k") == 3
+    stored = await store.experiences.get(again[2].id)
+    assert (stored.prompt, stored.response, stored.status) == ("q3", "a3", "new")
+    await store.close()
+
+
+async def test_a_reused_key_with_new_content_fails_the_whole_batch(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    await store.experiences.add_many("k", [_exp(1, idempotency_key="x")])
+    with pytest.raises(Conflict, match=r"items\[1\]: idempotency_key 'x' was already used"):
+        await store.experiences.add_many("k", [_exp(5), _exp(6, idempotency_key="x")])
+    assert await store.experiences.count("k") == 1  # items[0] was rolled back too
+    with pytest.raises(Conflict, match=r"items\[1\].*also used by items\[0\]"):
+        await store.experiences.add_many("k", [_exp(7, idempotency_key="y"), _exp(8, idempotency_key="y")])
+    assert await store.experiences.count("k") == 1
+    await store.close()
+
+
+async def test_ids_returned_by_add_many_are_the_stored_rows(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    added = await store.experiences.add_many("k", [_exp(n) for n in range(50)])
+    for n, a in enumerate(added):
+        assert (await store.experiences.get(a.id)).prompt == f"q{n}"
+    await store.close()
+
+
+async def test_run_lifecycle_deploy_marks_only_its_new_items_trained(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    ids = [a.id for a in await store.experiences.add_many("k", [_exp(n) for n in range(3)])]
+    run = await store.runs.create("r-20261123T200000-aaaaaa", "k", "manual", None)
+    assert run.status == "queued"
+    await store.runs.mark_requested(run.id, [(ids[0], "new"), (ids[1], "new")])
+    base = {"ts": datetime.now(UTC), "epoch": None, "tokens_per_s": None, "eta_s": None, "message": None}
+    events = [
+        {**base, "seq": 0, "phase": "claimed", "run_status": "running", "step": None, "total_steps": None},
+        {**base, "seq": 1, "phase": "training", "run_status": "running", "step": 5, "total_steps": 10,
+         "progress": 0.5, "loss": 1.25},
+    ]  # fmt: skip
+    run = await store.runs.record_events(run.id, events, 123)
+    assert (run.status, run.phase, run.progress, run.loss, run.events_offset) == ("running", "training", 0.5, 1.25, 123)
+    assert run.started_at is not None
+    run = await store.runs.finish(
+        run.id, "deployed", new_version=1, version_path="kernels/k/versions/v1", losses={ids[0]: 0.1}, metrics={"a": 1}
+    )
+    assert run.status == "deployed" and run.progress == 1.0
+    statuses = [(await store.experiences.get(i)).status for i in ids]
+    assert statuses == ["trained", "trained", "new"]
+    assert (await store.experiences.get(ids[0])).last_loss == 0.1
+    assert (await store.kernels.get("k")).deployed_version == 1
+    [version] = await store.versions.for_kernel("k")
+    assert (version.version, version.status, version.run_id) == (1, "deployed", run.id)
+    # Finishing twice changes nothing (a result picked up again after a crash).
+    again = await store.runs.finish(run.id, "failed", error="late")
+    assert again.status == "deployed" and again.error is None
+    await store.close()
+
+
+async def test_a_rejected_run_leaves_experiences_untrained(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    [a] = await store.experiences.add_many("k", [_exp(1)])
+    run = await store.runs.create("r-20261123T200000-bbbbbb", "k", "manual", None)
+    await store.runs.mark_requested(run.id, [(a.id, "new")])
+    run = await store.runs.finish(run.id, "rejected", gates=[{"name": "acquisition_em", "status": "failed"}])
+    assert run.status == "rejected" and run.gates == [{"name": "acquisition_em", "status": "failed"}]
+    assert (await store.experiences.get(a.id)).status == "new"
+    assert await store.experiences.count_untrained("k") == 1
+    await store.close()
+
+
+async def test_progress_never_moves_a_run_backwards(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    run = await store.runs.create("r-20261123T200000-cccccc", "k", "manual", None)
+    now = datetime.now(UTC)
+    await store.runs.record_events(run.id, [{"seq": 0, "ts": now, "phase": "evaluating", "run_status": "evaluating"}], 1)
+    run = await store.runs.record_events(run.id, [{"seq": 1, "ts": now, "phase": "training", "run_status": "running"}], 2)
+    assert run.status == "evaluating"
+    await store.close()
+
+
+async def test_unknown_ids_raise_not_found_with_guidance(tmp_path: Path) -> None:
+    store = await _store(tmp_path)
+    with pytest.raises(NotFound, match="create it with create_kernel"):
+        await store.kernels.get("nope")
+    with pytest.raises(NotFound, match="no run with id"):
+        await store.runs.get("r-20261123T200000-dddddd")
+    with pytest.raises(NotFound, match="query_id"):
+        await store.interactions.get(42)
+    await store.close()

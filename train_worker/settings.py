@@ -1,0 +1,170 @@
+"""The one configuration model: `ENGRAIN_*` environment variables over an optional TOML file.
+
+Every process (MCP server, worker, model host, CLI) reads its settings here, and every path under
+`$ENGRAIN_HOME` is derived by `Layout`, so no two processes can disagree about where a file lives.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+HostController = Literal["auto", "systemd", "http", "none"]
+
+
+def default_home() -> Path:
+    """`$XDG_DATA_HOME/engrain`, falling back to `~/.local/share/engrain`."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "engrain"
+
+
+def config_file() -> Path:
+    """The optional TOML file: `$ENGRAIN_CONFIG`, else `$ENGRAIN_HOME/config.toml`."""
+    explicit = os.environ.get("ENGRAIN_CONFIG")
+    if explicit:
+        return Path(explicit)
+    home = os.environ.get("ENGRAIN_HOME")
+    return (Path(home) if home else default_home()) / "config.toml"
+
+
+class Settings(BaseSettings):
+    """Operator settings. Per-kernel training settings live with each kernel in the store."""
+
+    model_config = SettingsConfigDict(env_prefix="ENGRAIN_", extra="forbid", validate_default=True)
+
+    home: Path = Field(default_factory=default_home, description="Root of every file engrain writes.")
+    base_model: str | None = Field(
+        default=None, description="Local Hugging Face model directory; unset means the embedded SmolLM2."
+    )
+    token: SecretStr | None = Field(
+        default=None, description="Bearer token for MCP-over-HTTP and the host's admin endpoints."
+    )
+    host_address: str = "127.0.0.1"
+    host_port: int = Field(default=8765, ge=1, le=65535)
+    host_controller: HostController = Field(
+        default="auto",
+        description="How the worker frees the host's memory: systemd, http (admin unload), none, "
+        "or auto (systemd when the unit is installed, else http).",
+    )
+    systemd_user: bool = Field(default=True, description="Use `systemctl --user` for the host unit.")
+    embedded_services: bool = Field(
+        default=True, description="`engrain serve` starts the host and watcher when they are not running."
+    )
+    keep_versions: int = Field(default=5, ge=2, description="Adapter versions kept per kernel.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Intermediate checkpoints kept per run.")
+    max_resume_attempts: int = Field(default=3, ge=1, description="Restarts of a run whose worker died.")
+    max_prompt_chars: int = Field(default=8000, ge=1)
+    max_response_chars: int = Field(default=16000, ge=1)
+    max_system_chars: int = Field(default=4000, ge=1)
+    max_batch_items: int = Field(default=1000, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1, description="Unset: one per physical core.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments win, then the environment, then the TOML file.
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
+        return (init_settings, env_settings, toml)
+
+    @cached_property
+    def layout(self) -> Layout:
+        return Layout(self.home)
+
+
+class Layout:
+    """Where each file under `$ENGRAIN_HOME` lives (the design's Files section)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home.expanduser().resolve()
+
+    @property
+    def db(self) -> Path:
+        return self.home / "engrain.db"
+
+    @property
+    def requests(self) -> Path:
+        return self.home / "requests"
+
+    @property
+    def pending(self) -> Path:
+        return self.requests / "pending.json"
+
+    @property
+    def results(self) -> Path:
+        """Finished runs' `result-<run_id>.json` files, waiting for the server to record them."""
+        return self.requests / "results"
+
+    @property
+    def archive(self) -> Path:
+        return self.requests / "archive"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def runs(self) -> Path:
+        return self.home / "runs"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    @property
+    def kernels(self) -> Path:
+        return self.home / "kernels"
+
+    def kernel_dir(self, name: str) -> Path:
+        return self.kernels / name
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "token"
+
+    @property
+    def estop(self) -> Path:
+        """While this file exists, no run starts, automatic or manual."""
+        return self.home / "ESTOP"
+
+    def ensure(self) -> None:
+        for d in (
+            self.requests,
+            self.results,
+            self.archive,
+            self.quarantine,
+            self.runs,
+            self.kernels,
+            self.models,
+            self.locks,
+            self.logs,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
