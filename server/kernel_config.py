@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from learning.config import GateThresholds, TrainSettings
+from train_worker.protocol import GateThresholds, TrainSettings
 
 
 class KernelConfig(BaseModel):

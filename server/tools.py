@@ -12,7 +12,6 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
-from learning.config import GateThresholds, TrainSettings
 from server.dispatch import NothingToTrain
 from server.host_client import HostError, HostUnavailable
 from server.kernel_config import KernelConfig
@@ -35,7 +34,15 @@ from server.state import AppState
 from store.errors import StoreError
 from store.models import ExperienceSource, Kernel, NewExperience, Run
 from train_worker.deploy import DeployError, KernelFiles
-from train_worker.protocol import GateOutcome, KernelName, RunId, check_kernel_name, check_run_id
+from train_worker.protocol import (
+    GateOutcome,
+    GateThresholds,
+    KernelName,
+    RunId,
+    TrainSettings,
+    check_kernel_name,
+    check_run_id,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")

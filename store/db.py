@@ -65,13 +65,13 @@ class Database:
                 with anyio.CancelScope(shield=True):
                     await self._writer.commit()
 
+    # execute_fetchall is one trip to the connection's thread; execute + fetch + close would be three.
     async def fetchone(self, sql: str, params: Params = ()) -> aiosqlite.Row | None:
-        async with self._reader.execute(sql, params) as cur:
-            return await cur.fetchone()
+        rows = list(await self._reader.execute_fetchall(sql, params))
+        return rows[0] if rows else None
 
     async def fetchall(self, sql: str, params: Params = ()) -> Iterable[aiosqlite.Row]:
-        async with self._reader.execute(sql, params) as cur:
-            return await cur.fetchall()
+        return await self._reader.execute_fetchall(sql, params)
 
     async def scalar(self, sql: str, params: Params = ()) -> Any:
         row = await self.fetchone(sql, params)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import TypeVar
 
 from store.db import Database
 from store.errors import Conflict, NotFound
 from store.models import UNTRAINED_STATUSES, AddedExperience, Experience, ExperienceStatus, NewExperience
+
+T = TypeVar("T")
 
 _UNTRAINED = "('" + "', '".join(UNTRAINED_STATUSES) + "')"
 
@@ -30,21 +33,17 @@ class Experiences:
         async with self._db.transaction() as tx:
             by_hash: dict[str, int] = {}
             by_key: dict[str, tuple[int, str]] = {}
-            # Chunked lookups keep the statement under SQLite's variable limit.
+            # Two lookups, each on its own index (an OR of both would scan the kernel's rows),
+            # chunked under SQLite's bound-variable cap.
             for chunk in _chunks(sorted(set(hashes)), 500):
-                sql = (
-                    "SELECT id, content_hash FROM experiences WHERE kernel = ? AND content_hash IN "
-                    f"({','.join('?' * len(chunk))})"
-                )
-                async with tx.execute(sql, (kernel, *chunk)) as cur:
-                    by_hash.update({r[1]: r[0] for r in await cur.fetchall()})
+                sql = f"SELECT id, content_hash FROM experiences WHERE kernel = ? AND content_hash IN ({_marks(chunk)})"
+                by_hash.update({r[1]: r[0] for r in await tx.execute_fetchall(sql, (kernel, *chunk))})
             for chunk in _chunks(sorted(set(keys)), 500):
                 sql = (
-                    "SELECT id, idempotency_key, content_hash FROM experiences WHERE kernel = ? AND "
-                    f"idempotency_key IN ({','.join('?' * len(chunk))})"
+                    "SELECT id, idempotency_key, content_hash FROM experiences"
+                    f" WHERE kernel = ? AND idempotency_key IN ({_marks(chunk)})"
                 )
-                async with tx.execute(sql, (kernel, *chunk)) as cur:
-                    by_key.update({r[1]: (r[0], r[2]) for r in await cur.fetchall()})
+                by_key.update({r[1]: (r[0], r[2]) for r in await tx.execute_fetchall(sql, (kernel, *chunk))})
 
             outcomes: list[AddedExperience | None] = []
             to_insert: list[tuple[int, NewExperience, str]] = []
@@ -80,27 +79,27 @@ class Experiences:
                 outcomes.append(None)
                 to_insert.append((index, item, digest))
 
-            if to_insert:
-                await tx.executemany(
-                    "INSERT INTO experiences (kernel, prompt, response, system, key_answer, paraphrases,"
-                    " source, priority, idempotency_key, content_hash, interaction_id, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            kernel, i.prompt, i.response, i.system, i.key_answer, json.dumps(i.paraphrases),
-                            i.source, i.priority, i.idempotency_key, d, i.interaction_id, now, now,
-                        )
-                        for _, i, d in to_insert
-                    ],
-                )  # fmt: skip
-                # One writer, one transaction, no deletes in between: rowids are consecutive.
-                async with tx.execute("SELECT last_insert_rowid()") as cur:
-                    row = await cur.fetchone()
-                assert row is not None
-                first_id = int(row[0]) - len(to_insert) + 1
-                new_ids = {index: first_id + n for n, (index, _, _) in enumerate(to_insert)}
-            else:
-                new_ids = {}
+            new_ids: dict[int, int] = {}
+            columns = 13
+            for part in _chunks(to_insert, 500):  # 500 rows x 13 columns stays under the variable cap
+                rows = ",".join(["(" + ",".join("?" * columns) + ")"] * len(part))
+                params = [
+                    value
+                    for _, i, d in part
+                    for value in (
+                        kernel, i.prompt, i.response, i.system, i.key_answer, json.dumps(i.paraphrases),
+                        i.source, i.priority, i.idempotency_key, d, i.interaction_id, now, now,
+                    )
+                ]  # fmt: skip
+                returned = await tx.execute_fetchall(
+                    "INSERT INTO experiences (kernel, prompt, response, system, key_answer, paraphrases, source,"
+                    " priority, idempotency_key, content_hash, interaction_id, created_at, updated_at)"
+                    f" VALUES {rows} RETURNING id, content_hash",
+                    params,
+                )
+                # Content is unique per kernel, so the hash maps each returned id to its item.
+                stored = {r[1]: int(r[0]) for r in returned}
+                new_ids.update({index: stored[d] for index, _, d in part})
 
         result: list[AddedExperience] = []
         for index, outcome in enumerate(outcomes):
@@ -159,5 +158,9 @@ class Experiences:
         return [Experience.from_row(r) for r in rows]
 
 
-def _chunks(values: list[str], size: int) -> list[list[str]]:
+def _marks(values: list[str]) -> str:
+    return ",".join("?" * len(values))
+
+
+def _chunks(values: list[T], size: int) -> list[list[T]]:
     return [values[i : i + size] for i in range(0, len(values), size)]

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from train_worker.protocol import ProgressEvent, RunResult, TrainRequest, VersionMeta, append_event, read_model, write_model
+import anyio
+
+from train_worker.protocol import (
+    ProgressEvent,
+    RunResult,
+    TrainRequest,
+    VersionMeta,
+    append_event,
+    read_model,
+    write_model,
+)
 from train_worker.settings import Layout
 
 
@@ -52,3 +64,15 @@ def fake_version(layout: Layout, kernel: str, version: int, run_id: str) -> Path
         ),
     )
     return folder
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy; the server reacts to files asynchronously."""
+    with anyio.fail_after(within):
+        while True:
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            await anyio.sleep(0.05)

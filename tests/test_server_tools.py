@@ -10,7 +10,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from tests.helpers import claim, event, fake_version, result
+from tests.helpers import claim, event, eventually, fake_version, result
 from train_worker.protocol import BatchItem, BatchManifest, TrainRequest, read_batch, read_model
 from train_worker.settings import Settings
 
@@ -28,7 +28,7 @@ async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
     r = await client.call_tool(tool, args)
     assert not r.is_error, r.content
     assert r.structured_content is not None
-    return r.structured_content
+    return dict(r.structured_content)
 
 
 async def error(client: Client, tool: str, **args: Any) -> str:
@@ -40,7 +40,11 @@ async def error(client: Client, tool: str, **args: Any) -> str:
 
 
 FACTS = [
-    {"prompt": "What is the capital of Zorbia?", "response": "The capital of Zorbia is Quellmoor.", "key_answer": "Quellmoor"},
+    {
+        "prompt": "What is the capital of Zorbia?",
+        "response": "The capital of Zorbia is Quellmoor.",
+        "key_answer": "Quellmoor",
+    },
     {"prompt": "Who founded Vantrel?", "response": "Vantrel was founded by Ilsa Marrow.", "key_answer": "Ilsa Marrow"},
 ]
 
@@ -72,7 +76,7 @@ async def test_default_kernel_always_exists_and_kernels_can_be_created(connect: 
         names = [k["name"] for k in (await call(client, "list_kernels"))["kernels"]]
         assert names == ["default", "support-bot"]
         res = await client.read_resource("engrain://kernels/support-bot")
-        assert json.loads(res.contents[0].text)["description"] == "helpdesk"  # type: ignore[union-attr]
+        assert json.loads(res.contents[0].text)["description"] == "helpdesk"
 
 
 @pytest.mark.parametrize("bad", ["Bad", "-x", "a" * 64, "../etc", "sp ace", ""])
@@ -199,9 +203,7 @@ async def test_a_second_kernel_is_queued_until_the_slot_frees(connect: Any, sett
         assert (first["status"], second["status"]) == ("requested", "queued")
         assert read_model(layout.pending, TrainRequest).run_id == first["run_id"]
         claim(layout)  # the worker takes the slot; the server fills it with the queued run
-        with anyio.fail_after(10):
-            while not layout.pending.exists():
-                await anyio.sleep(0.05)
+        await eventually(layout.pending.exists)
         assert read_model(layout.pending, TrainRequest).run_id == second["run_id"]
         status = await call(client, "training_status", run_id=second["run_id"])
         assert status["run"]["status"] == "requested"
@@ -239,9 +241,7 @@ async def test_a_hand_written_result_ends_the_run_and_is_archived(connect: Any, 
             gates=[{"name": "acquisition_em", "value": 1.0, "threshold": 0.8, "op": ">=", "status": "passed"}],
             losses=[{"experience_id": ids[0], "loss": 0.05}],
         )  # fmt: skip
-        with anyio.fail_after(10):
-            while path.exists():
-                await anyio.sleep(0.05)
+        await eventually(lambda: not path.exists())
         assert (layout.archive / path.name).exists()
         run = (await call(client, "training_status", run_id=run_id))["run"]
         assert (run["status"], run["new_version"], run["gates"][0]["status"]) == ("deployed", 1, "passed")
@@ -257,9 +257,12 @@ async def test_a_rejected_result_names_the_failed_gate(connect: Any, settings: S
         claim(layout)
         gate = {"name": "general_kept", "value": 0.5, "threshold": 0.9, "op": ">=", "status": "failed", "margin": -0.4}
         result(layout, run_id, "default", "rejected", gates=[gate])
-        with anyio.fail_after(10):
-            while (run := (await call(client, "training_status", run_id=run_id))["run"])["status"] != "rejected":
-                await anyio.sleep(0.05)
+
+        async def rejected() -> dict[str, Any] | None:
+            run = (await call(client, "training_status", run_id=run_id))["run"]
+            return run if run["status"] == "rejected" else None
+
+        run = await eventually(rejected)
         assert run["failed_gates"] == ["general_kept"] and run["gates"][0]["margin"] == -0.4
         assert (await call(client, "list_kernels"))["kernels"][0]["untrained"] == 2
 
@@ -284,9 +287,7 @@ async def test_malformed_results_go_to_quarantine(
         before = snapshot(settings)
         bad = layout.results / "r-20261123T200000-ffffff.json"
         bad.write_bytes(content)
-        with anyio.fail_after(10):
-            while bad.exists():
-                await anyio.sleep(0.05)
+        await eventually(lambda: not bad.exists())
         [moved] = [p for p in layout.quarantine.iterdir() if not p.name.endswith(".reason.txt")]
         assert moved.read_bytes() == content
         assert reason in moved.with_name(moved.name + ".reason.txt").read_text()
@@ -381,12 +382,10 @@ async def test_a_run_update_is_pushed_when_its_result_is_picked_up(settings: Set
     async with Client(create_server(settings), mode="legacy", message_handler=handler) as client:
         await call(client, "record_experiences", kernel="default", items=FACTS)
         run_id = (await call(client, "train_model", kernel="default"))["run_id"]
-        await client.session.subscribe_resource(f"engrain://runs/{run_id}")  # type: ignore[deprecated]
+        await client.session.subscribe_resource(f"engrain://runs/{run_id}")
         claim(layout)
         result(layout, run_id, "default", "failed", error="x")
-        with anyio.fail_after(10):
-            while f"engrain://runs/{run_id}" not in got:
-                await anyio.sleep(0.05)
+        await eventually(lambda: f"engrain://runs/{run_id}" in got)
 
     async with Client(create_server(settings)) as client:
         await call(client, "record_experiences", kernel="default", items=[{"prompt": "n", "response": "m"}])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,7 +105,13 @@ async def test_run_lifecycle_deploy_marks_only_its_new_items_trained(tmp_path: P
     run = await store.runs.create("r-20261123T200000-aaaaaa", "k", "manual", None)
     assert run.status == "queued"
     await store.runs.mark_requested(run.id, [(ids[0], "new"), (ids[1], "new")])
-    base = {"ts": datetime.now(UTC), "epoch": None, "tokens_per_s": None, "eta_s": None, "message": None}
+    base: dict[str, Any] = {
+        "ts": datetime.now(UTC),
+        "epoch": None,
+        "tokens_per_s": None,
+        "eta_s": None,
+        "message": None,
+    }
     events = [
         {**base, "seq": 0, "phase": "claimed", "run_status": "running", "step": None, "total_steps": None},
         {**base, "seq": 1, "phase": "training", "run_status": "running", "step": 5, "total_steps": 10,
@@ -145,8 +152,12 @@ async def test_progress_never_moves_a_run_backwards(tmp_path: Path) -> None:
     store = await _store(tmp_path)
     run = await store.runs.create("r-20261123T200000-cccccc", "k", "manual", None)
     now = datetime.now(UTC)
-    await store.runs.record_events(run.id, [{"seq": 0, "ts": now, "phase": "evaluating", "run_status": "evaluating"}], 1)
-    run = await store.runs.record_events(run.id, [{"seq": 1, "ts": now, "phase": "training", "run_status": "running"}], 2)
+    await store.runs.record_events(
+        run.id, [{"seq": 0, "ts": now, "phase": "evaluating", "run_status": "evaluating"}], 1
+    )
+    run = await store.runs.record_events(
+        run.id, [{"seq": 1, "ts": now, "phase": "training", "run_status": "running"}], 2
+    )
     assert run.status == "evaluating"
     await store.close()
 

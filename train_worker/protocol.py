@@ -28,7 +28,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from learning.config import GateThresholds, TrainSettings
+from learning.config import GateThresholds as GateThresholds  # re-exported: the server names it from here
+from learning.config import TrainSettings as TrainSettings
 from learning.examples import Example
 
 SCHEMA_VERSION: Literal[1] = 1

@@ -1,0 +1,67 @@
+"""The design's import direction, checked on the source.
+
+server → store, train_worker.protocol; train_worker → learning; learning imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = {"server", "learning", "store", "train_worker"}
+HEAVY = {"torch", "transformers", "peft", "trl", "accelerate"}
+
+# What each package may import from our own packages (module prefixes).
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "learning": ("learning",),
+    "store": ("store",),
+    "train_worker": ("train_worker", "learning"),
+    # The server reaches the worker only through its torch-free contract modules.
+    "server": ("server", "store", "train_worker.protocol", "train_worker.settings", "train_worker.deploy"),
+}
+# The model host is the one server module that runs inference, so it may use learning/ and torch.
+HOST_MODULES = ("server.host",)
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_import_direction(package: str) -> None:
+    problems = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        module = _module(path)
+        is_host = module.startswith(HOST_MODULES)
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in OURS:
+                allowed = ALLOWED[package] + (("learning",) if is_host else ())
+                if not any(name == a or name.startswith(a + ".") for a in allowed):
+                    problems.append(f"{module} imports {name}")
+            if top in HEAVY and package in {"server", "store"} and not is_host:
+                problems.append(f"{module} imports {name} (torch stays in the worker and the model host)")
+    assert not problems, "\n".join(problems)
+
+
+def test_light_learning_modules_do_not_import_torch() -> None:
+    """The server embeds learning.config through the protocol, so these must stay torch-free."""
+    for name in ("__init__", "config", "examples"):
+        assert not {i.split(".")[0] for i in _imports(ROOT / "learning" / f"{name}.py")} & HEAVY
+    for name in ("protocol", "settings", "deploy", "__init__"):
+        imports = _imports(ROOT / "train_worker" / f"{name}.py")
+        assert not {i.split(".")[0] for i in imports} & HEAVY
+        assert not {i for i in imports if i.startswith("learning.")} - {"learning.config", "learning.examples"}
