@@ -19,6 +19,7 @@ from server.host_client import HostClient
 from server.kernel_config import KernelConfig
 from server.notify import Notifier, install_legacy_subscriptions
 from server.pickup import Pickup, Watcher
+from server.services import ensure_services
 from server.state import AppState
 from server.tools import TOOLS, _kernel_info, run_view
 from store import Clock, Store
@@ -73,6 +74,7 @@ def create_server(
             host = HostClient(f"http://{s.host_address}:{s.host_port}")
             state = AppState(s, store, dispatcher, pickup, notifier, host, default_base)
             await dispatcher.reconcile()
+            await anyio.to_thread.run_sync(ensure_services, s)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(Watcher(s.layout).run, pickup)
                 yield state

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from train_worker.settings import Settings
 
@@ -25,7 +26,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     from mcp.server.transport_security import TransportSecuritySettings
 
-    from server.http_auth import StaticTokenVerifier, auth_settings, load_or_create_token
+    from server.http_auth import StaticTokenVerifier, auth_settings
+    from train_worker.auth_token import load_or_create_token
 
     token, path = load_or_create_token(settings)
     base_url = f"http://{args.address}:{args.port}"
@@ -37,6 +39,52 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         security = TransportSecuritySettings(allowed_hosts=args.allowed_host)
     mcp.run("streamable-http", host=args.address, port=args.port, transport_security=security)
     return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from train_worker.worker import Worker, restore_host_after_crash
+
+    if args.restore_host:
+        return 0 if restore_host_after_crash(settings) else 1
+    return Worker(settings).run()
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from train_worker.watch import Watcher
+
+    return Watcher(settings).run()
+
+
+def cmd_host(args: argparse.Namespace, settings: Settings) -> int:
+    from server.host import serve
+
+    return serve(settings)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """Host and watcher in the foreground; Ctrl-C stops both."""
+    import signal
+    import subprocess
+
+    children = [subprocess.Popen([sys.executable, "-m", "server.cli", name]) for name in ("host", "watch")]
+    log = logging.getLogger("engrain")
+    log.warning("engrain up: model host and training watcher running; Ctrl-C stops both")
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = [child.wait() for child in children]
+    return 0 if all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else 1
+
+
+def cmd_systemd(args: argparse.Namespace, settings: Settings) -> int:
+    from server.systemd_units import install
+
+    return install(settings, user=not args.system, dry_run=args.dry_run, target=args.dir, enable=args.enable)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-host", action="append", help="extra Host header to accept (repeatable), e.g. engrain.lan:8764"
     )
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="train every waiting request, then exit (what systemd runs)")
+    worker.add_argument(
+        "--restore-host", action="store_true", help="only bring the model host back after a killed worker"
+    )
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("watch", help="start a worker whenever a request waits (systemd's path unit, without systemd)")
+    sub.choices["watch"].set_defaults(func=cmd_watch)
+    sub.add_parser("host", help="run the model host (OpenAI-compatible HTTP on loopback)")
+    sub.choices["host"].set_defaults(func=cmd_host)
+    sub.add_parser("up", help="run the model host and the watcher in the foreground; Ctrl-C stops both")
+    sub.choices["up"].set_defaults(func=cmd_up)
+
+    systemd = sub.add_parser("systemd", help="systemd units")
+    systemd_sub = systemd.add_subparsers(dest="systemd_command", required=True)
+    install = systemd_sub.add_parser("install", help="render the units with this install's paths and install them")
+    scope = install.add_mutually_exclusive_group()
+    scope.add_argument("--user", action="store_true", default=True, help="user units (default)")
+    scope.add_argument("--system", action="store_true", help="system units in /etc/systemd/system")
+    install.add_argument("--dry-run", action="store_true", help="print the rendered units, write nothing")
+    install.add_argument("--dir", type=Path, default=None, help="write the units here instead")
+    install.add_argument("--enable", action="store_true", help="also daemon-reload and enable --now them")
+    install.set_defaults(func=cmd_systemd)
     return parser
 
 

@@ -60,12 +60,8 @@ class Dispatcher:
             await self._promote_locked()
             return await self._store.runs.get(run.id), False
 
-    async def promote(self) -> None:
-        """Write the oldest queued run's request if `pending.json` is free."""
-        async with self._lock:
-            await self._promote_locked()
-
     async def _promote_locked(self) -> None:
+        """Write the oldest queued run's request if `pending.json` is free."""
         while not self._layout.pending.exists():
             queued = await self._store.runs.with_status("queued")
             if not queued:
@@ -96,15 +92,18 @@ class Dispatcher:
         log.info("requested run %s for kernel %s: %d new, %d replay", run.id, kernel.name, len(new), len(replay))
 
     async def reconcile(self) -> None:
-        """After a restart: re-announce requested runs whose request file never reached the worker."""
+        """Re-announce requested runs whose request file never reached the worker, then fill the slot.
+
+        That covers a crash between recording a request and writing its file, and a request file the
+        worker refused and quarantined: the store still knows the run, so it is written afresh.
+        """
         async with self._lock:
             for run in await self._store.runs.with_status("requested"):
-                claimed = (self._layout.run_dir(run.id) / "request.json").exists()
-                if claimed or self._pending_run_id() == run.id:
+                # pending.json before the run folder: the worker's claim renames one into the other.
+                if self._pending_run_id() == run.id or (self._layout.run_dir(run.id) / "request.json").exists():
                     continue
                 if self._layout.pending.exists():
-                    # Another run holds the slot; put this one back in the queue.
-                    continue
+                    continue  # another run holds the slot; this one is re-announced when it frees
                 log.warning("run %s was requested but its request file is missing; writing it again", run.id)
                 await self._rewrite(run)
             await self._promote_locked()

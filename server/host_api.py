@@ -63,7 +63,7 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unloaded", "loading"]
+    status: Literal["ok", "unloaded", "loading", "failed"]
     base_model: str
     kernels: dict[str, int | None] = Field(default_factory=dict, description="Resident kernels and their versions.")
     pid: int

@@ -1,37 +1,11 @@
-"""Bearer-token auth for MCP over HTTP: one shared secret from ENGRAIN_TOKEN or a 0600 token file."""
+"""Bearer-token auth for MCP over HTTP, with the shared secret from `train_worker.auth_token`."""
 
 from __future__ import annotations
 
 import hmac
-import os
-import secrets
-from pathlib import Path
 
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-
-from train_worker.protocol import write_atomic
-from train_worker.settings import Settings
-
-
-def load_or_create_token(settings: Settings) -> tuple[str, Path | None]:
-    """The token from settings, else the token file (created 0600 on first use): (token, file or None)."""
-    if settings.token is not None:
-        return settings.token.get_secret_value(), None
-    path = settings.layout.token_file
-    if path.exists():
-        token = path.read_text().strip()
-        if token:
-            return token, path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    old = os.umask(0o077)
-    try:
-        write_atomic(path, token.encode() + b"\n")
-    finally:
-        os.umask(old)
-    path.chmod(0o600)
-    return token, path
 
 
 class StaticTokenVerifier:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from server.kernel_config import KernelConfig
 from store.models import ExperienceSource, KernelStatus, RunStatus, RunTrigger
-from train_worker.protocol import GateOutcome
+from train_worker.protocol import Gate
 
 
 class KernelInfo(BaseModel):
@@ -99,7 +99,7 @@ class RunView(BaseModel):
     base_version: int | None
     new_version: int | None
     metrics: dict[str, Any] | None
-    gates: list[GateOutcome]
+    gates: list[Gate]
     failed_gates: list[str]
     error: str | None
     cancel_requested: bool

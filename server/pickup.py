@@ -50,7 +50,7 @@ class Pickup:
         async with self._lock:
             await self.mirror_events()
             await self.collect_results()
-        await self._dispatcher.promote()
+        await self._dispatcher.reconcile()
 
     async def mirror_events(self) -> None:
         for run in await self._store.runs.with_status(*ACTIVE_RUN_STATUSES):

@@ -35,7 +35,7 @@ from store.errors import StoreError
 from store.models import ExperienceSource, Kernel, NewExperience, Run
 from train_worker.deploy import DeployError, KernelFiles
 from train_worker.protocol import (
-    GateOutcome,
+    Gate,
     GateThresholds,
     KernelName,
     RunId,
@@ -94,7 +94,7 @@ async def _kernel_info(state: AppState, kernel: Kernel) -> KernelInfo:
 
 
 async def run_view(state: AppState, run: Run, events: int = 5) -> RunView:
-    gates = [GateOutcome.model_validate(g) for g in run.gates or []]
+    gates = [Gate.model_validate(g) for g in run.gates or []]
     return RunView(
         run_id=run.id,
         kernel=run.kernel,

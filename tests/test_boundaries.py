@@ -20,15 +20,27 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "store": ("store",),
     "train_worker": ("train_worker", "learning"),
     # The server reaches the worker only through its torch-free contract modules.
-    "server": ("server", "store", "train_worker.protocol", "train_worker.settings", "train_worker.deploy"),
+    "server": (
+        "server",
+        "store",
+        "train_worker.protocol",
+        "train_worker.settings",
+        "train_worker.deploy",
+        "train_worker.locks",
+        "train_worker.auth_token",
+        "train_worker.host_control",
+    ),
 }
 # The model host is the one server module that runs inference, so it may use learning/ and torch.
 HOST_MODULES = ("server.host",)
+# The CLI is every process's entry point: it starts the worker and the watcher.
+ENTRY_IMPORTS = {"server.cli": ("train_worker.worker", "train_worker.watch")}
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -49,7 +61,7 @@ def test_import_direction(package: str) -> None:
         for name in _imports(path):
             top = name.split(".")[0]
             if top in OURS:
-                allowed = ALLOWED[package] + (("learning",) if is_host else ())
+                allowed = ALLOWED[package] + (("learning",) if is_host else ()) + ENTRY_IMPORTS.get(module, ())
                 if not any(name == a or name.startswith(a + ".") for a in allowed):
                     problems.append(f"{module} imports {name}")
             if top in HEAVY and package in {"server", "store"} and not is_host:
@@ -58,10 +70,16 @@ def test_import_direction(package: str) -> None:
 
 
 def test_light_learning_modules_do_not_import_torch() -> None:
-    """The server embeds learning.config through the protocol, so these must stay torch-free."""
-    for name in ("__init__", "config", "examples"):
+    """The server embeds learning's config and report models through the protocol: they stay torch-free."""
+    for name in ("__init__", "config", "examples", "gates", "reports"):
         assert not {i.split(".")[0] for i in _imports(ROOT / "learning" / f"{name}.py")} & HEAVY
-    for name in ("protocol", "settings", "deploy", "__init__"):
+    for name in ("protocol", "settings", "deploy", "locks", "auth_token", "host_control"):
         imports = _imports(ROOT / "train_worker" / f"{name}.py")
         assert not {i.split(".")[0] for i in imports} & HEAVY
-        assert not {i for i in imports if i.startswith("learning.")} - {"learning.config", "learning.examples"}
+        light = {"learning.config", "learning.examples", "learning.gates", "learning.reports"}
+        assert not {i for i in imports if i.startswith("learning.")} - light
+    # The worker and watcher load torch only once a run starts, so a waiting watcher stays small.
+    for name in ("worker", "watch"):
+        imports = _imports(ROOT / "train_worker" / f"{name}.py", top_level_only=True)
+        assert not {i.split(".")[0] for i in imports} & HEAVY
+        assert not {i for i in imports if i.startswith("learning")}

@@ -49,6 +49,9 @@ FACTS = [
 ]
 
 
+GATE = {"name": "acquisition", "metric": "acquisition_em", "threshold": 0.8, "comparison": ">="}
+
+
 async def test_tools_are_listed_with_input_and_output_schemas(connect: Any) -> None:
     async with connect() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
@@ -238,7 +241,7 @@ async def test_a_hand_written_result_ends_the_run_and_is_archived(connect: Any, 
         path = result(
             layout, run_id, "default", "deployed", version=1, version_path="kernels/default/versions/v1",
             metrics={"acquisition_em": 1.0},
-            gates=[{"name": "acquisition_em", "value": 1.0, "threshold": 0.8, "op": ">=", "status": "passed"}],
+            gates=[GATE | {"value": 1.0, "status": "passed", "passed": True, "margin": 0.2}],
             losses=[{"experience_id": ids[0], "loss": 0.05}],
         )  # fmt: skip
         await eventually(lambda: not path.exists())
@@ -255,8 +258,10 @@ async def test_a_rejected_result_names_the_failed_gate(connect: Any, settings: S
         await call(client, "record_experiences", kernel="default", items=FACTS)
         run_id = (await call(client, "train_model", kernel="default"))["run_id"]
         claim(layout)
-        gate = {"name": "general_kept", "value": 0.5, "threshold": 0.9, "op": ">=", "status": "failed", "margin": -0.4}
-        result(layout, run_id, "default", "rejected", gates=[gate])
+        gate = {"name": "general_kept", "metric": "general_kept", "value": 0.5, "threshold": 0.9, "comparison": ">="}
+        result(
+            layout, run_id, "default", "rejected", gates=[gate | {"status": "failed", "passed": False, "margin": -0.4}]
+        )
 
         async def rejected() -> dict[str, Any] | None:
             run = (await call(client, "training_status", run_id=run_id))["run"]

@@ -7,6 +7,8 @@ Files (under `$ENGRAIN_HOME`, see `train_worker.settings.Layout`):
 - `runs/<run_id>/events.jsonl`       one `ProgressEvent` per line, appended by the worker.
 - `runs/<run_id>/result.json`        `RunResult`, written by the worker; a copy goes to
                                      `requests/results/<run_id>.json` for the server to pick up.
+- `runs/<run_id>/state.json`         `RunState`, the worker's attempt count and what it did to the host.
+- `requests/active/<run_id>`         an empty marker: the run is claimed and has no result yet.
 - `kernels/<name>/versions/vN/meta.json`  `VersionMeta`, written by the worker before deploying.
 
 Every JSON file is written atomically (temp file, fsync, rename) and validated on read. A file that
@@ -31,6 +33,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from learning.config import GateThresholds as GateThresholds  # re-exported: the server names it from here
 from learning.config import TrainSettings as TrainSettings
 from learning.examples import Example
+from learning.gates import Gate as Gate  # re-exported: a gate's verdict travels in result.json
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -160,20 +163,6 @@ class ProgressEvent(_File):
         return min(1.0, self.step / self.total_steps)
 
 
-class GateOutcome(BaseModel):
-    """One quality gate's verdict on a candidate adapter."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    value: float | None = Field(description="The measured metric; None when it could not be measured.")
-    threshold: float
-    op: Literal[">=", "<="]
-    status: Literal["passed", "failed", "skipped"]
-    margin: float | None = Field(default=None, description="How far the value is past the threshold (+ is good).")
-    detail: str = ""
-
-
 class ItemLoss(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -197,7 +186,7 @@ class RunResult(_File):
     version: int | None = Field(default=None, description="The version deployed by this run.")
     version_path: str | None = Field(default=None, description="Its folder, relative to $ENGRAIN_HOME.")
     metrics: dict[str, float | None] = Field(default_factory=dict)
-    gates: list[GateOutcome] = Field(default_factory=list)
+    gates: list[Gate] = Field(default_factory=list)
     error: str | None = None
     losses: list[ItemLoss] = Field(default_factory=list, description="Last training loss of each experience.")
     steps: int = Field(default=0, ge=0)
@@ -206,8 +195,23 @@ class RunResult(_File):
     host_restored: bool | None = Field(default=None, description="Whether the model host was brought back.")
 
     @property
-    def failed_gates(self) -> list[GateOutcome]:
+    def failed_gates(self) -> list[Gate]:
         return [g for g in self.gates if g.status == "failed"]
+
+
+HostAction = Literal["stopped", "unloaded", "not_running", "left_alone"]
+
+
+class RunState(_File):
+    """`runs/<run_id>/state.json`: the worker's own bookkeeping, read by the next worker and the watcher."""
+
+    kind: Literal["run_state"] = "run_state"
+    run_id: RunId
+    attempts: int = Field(default=0, ge=0, description="Workers that have started on this run.")
+    worker_pid: int | None = None
+    host_action: HostAction | None = Field(default=None, description="What the last worker did to the host.")
+    host_restored: bool = True
+    updated_at: AwareDatetime
 
 
 class VersionMeta(_File):
@@ -221,7 +225,7 @@ class VersionMeta(_File):
     base_model: str
     created_at: AwareDatetime
     metrics: dict[str, float | None] = Field(default_factory=dict)
-    gates: list[GateOutcome] = Field(default_factory=list)
+    gates: list[Gate] = Field(default_factory=list)
 
 
 FILE_MODELS: dict[str, type[BaseModel]] = {
@@ -231,6 +235,7 @@ FILE_MODELS: dict[str, type[BaseModel]] = {
     "progress_event": ProgressEvent,
     "run_result": RunResult,
     "version_meta": VersionMeta,
+    "run_state": RunState,
 }
 
 M = TypeVar("M", bound=BaseModel)

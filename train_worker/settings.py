@@ -113,6 +113,11 @@ class Layout:
         return self.requests / "results"
 
     @property
+    def active(self) -> Path:
+        """One empty marker per claimed run without a result: what systemd and the watcher resume."""
+        return self.requests / "active"
+
+    @property
     def archive(self) -> Path:
         return self.requests / "archive"
 
@@ -137,6 +142,11 @@ class Layout:
     @property
     def models(self) -> Path:
         return self.home / "models"
+
+    @property
+    def cache(self) -> Path:
+        """Per-base-model baselines (anchor answers, probe results, reference perplexity)."""
+        return self.home / "cache"
 
     @property
     def locks(self) -> Path:

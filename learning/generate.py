@@ -1,0 +1,86 @@
+"""Batched greedy generation with left padding, shared by evaluation and the model host."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from learning.formatting import encode_prompt
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy continuations of already-encoded prompts, stopping at eos; eos and padding are stripped.
+
+    Prompts are batched by length (decoding is memory-bound, so batching is nearly free) and returned
+    in the input order.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(prompts[i])
+                ids[row, width - n :] = torch.tensor(list(prompts[i]))
+                mask[row, width - n :] = 1
+            generated = cast(Any, model).generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+            for row, i in enumerate(idx):
+                tokens = generated[row, width:].tolist()
+                if eos in tokens:
+                    tokens = tokens[: tokens.index(eos) + 1]
+                out[i] = tokens
+    finally:
+        model.train(was_training)
+    return out
+
+
+def finished(tokens: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when a generation ended with eos rather than at the token limit."""
+    return bool(tokens) and tokens[-1] == tokenizer.eos_token_id
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[int]) -> str:
+    """Text of generated tokens without special tokens, stripped."""
+    text = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    return str(text).strip()
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to chat prompts, formatted exactly as in training."""
+    encoded = [encode_prompt(tokenizer, p, system) for p in prompts]
+    ids = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [decode(tokenizer, t) for t in ids]

@@ -1,0 +1,218 @@
+"""The learning entry points the worker calls; it only orchestrates, every path is explicit.
+
+Contract, in the order a worker uses it:
+
+1. `bundle = load_bundle(base_model, models_dir, cache_dir)`: resolves the base model (None = the
+   embedded SmolLM2, dequantised and cached once under `models_dir`; otherwise a local Hugging Face
+   directory, never a hub id), loads it frozen in fp32, and loads or computes the base baseline (anchor
+   answers, probe answers, reference perplexity), cached under `cache_dir`. About 1 s when cached;
+   the first call for a base model takes about 2 minutes on 2 cores.
+2. `candidate = run_training(bundle, new, replay_pool, settings, previous_version=..., checkpoint_dir=...,
+   progress=..., should_stop=...)`: attaches the previous version's adapter (cumulative learning) or a
+   fresh one, trains, and, unless interrupted, computes this run's Fisher merged with the previous one.
+   `candidate.outcome.stopped == "interrupted"` means a checkpoint was written to `checkpoint_dir`:
+   calling again with the same inputs and directory resumes it. `outcome.example_losses` maps each
+   new/replay example id to its last loss (store it as `Example.loss` for prioritised replay).
+3. `report = evaluate_candidate(bundle, candidate.model, new, held_back, thresholds, output_schema)`:
+   all metrics plus the gate report; `report.gates.passed` decides deployment.
+4. `save_version(candidate, report, version_dir)`: writes, atomically, `version_dir/` with
+   `adapter_config.json` + `adapter_model.safetensors` (peft format: `PeftModel.from_pretrained(base,
+   version_dir)` serves it), `fisher.safetensors` (when EWC is on) and `eval_report.json`.
+5. `release(bundle, candidate)`: removes the adapter layers so the bare base can be reused.
+
+A version directory is what `previous_version` expects on the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from pydantic import BaseModel, ConfigDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from learning import ewc, lora
+from learning.anchors import Baseline, ensure_baseline, train_anchors
+from learning.batching import collate
+from learning.config import GateThresholds, TrainSettings
+from learning.examples import Example
+from learning.formatting import encode_example
+from learning.fsutil import atomic_dir
+from learning.gates import GateReport, apply_gates
+from learning.losses import hidden_states, per_row_mean, selected_logits, target_mask, token_ce
+from learning.metrics import compute_metrics
+from learning.model_loading import ensure_base_model, load_base, setup_threads
+from learning.reports import Metrics, Progress, TrainOutcome
+from learning.train import EwcTerm, train
+
+log = logging.getLogger(__name__)
+
+FISHER_FILE = ewc.FISHER_FILE
+REPORT_FILE = "eval_report.json"
+
+
+@dataclass
+class Bundle:
+    """The loaded base model, its tokenizer, where it lives, and its cached baseline."""
+
+    model_dir: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    baseline: Baseline
+
+
+@dataclass
+class Candidate:
+    """A trained adapter (still attached to the base) and what the run produced."""
+
+    model: PeftModel
+    outcome: TrainOutcome
+    fisher: dict[str, torch.Tensor] | None
+    settings: TrainSettings
+
+
+class EvalReport(BaseModel):
+    """What is saved as `eval_report.json` next to a version: metrics, gates, and the training outcome."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: Metrics
+    gates: GateReport
+    outcome: TrainOutcome | None = None
+
+
+def load_bundle(base_model: str | None, models_dir: Path, cache_dir: Path, num_threads: int | None = None) -> Bundle:
+    """Resolve, load and baseline the base model (see the module docstring)."""
+    setup_threads(num_threads)
+    model_dir = ensure_base_model(base_model, models_dir)
+    model, tokenizer = load_base(model_dir)
+    baseline = ensure_baseline(model, tokenizer, model_dir, cache_dir)
+    return Bundle(model_dir=model_dir, model=model, tokenizer=tokenizer, baseline=baseline)
+
+
+def _fisher_examples(new: Sequence[Example], pool: Sequence[Example], seed: int) -> list[Example]:
+    # This run's data: every new item plus as many replayed ones, so protection covers both.
+    extra = random.Random(seed).sample(list(pool), min(len(pool), len(new)))
+    return [*new, *extra]
+
+
+def compute_fisher(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_seq_len: int
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the adapter on `examples` (response-token loss, one example at a time)."""
+    params = lora.trainable_params(model)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+    def loss_of(example: Example) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            batch = collate([encode_example(tokenizer, example, max_seq_len)], [0], pad)
+            mask = target_mask(batch.labels)
+            hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+            logits = selected_logits(model, hidden, mask)
+            ce = token_ce(logits, batch.labels[:, 1:][mask])
+            return per_row_mean(ce, torch.zeros(len(ce), dtype=torch.long), 1)[0]
+
+        return fn
+
+    was_training = model.training
+    model.train(False)
+    try:
+        return ewc.empirical_fisher(params, (loss_of(e) for e in examples))
+    finally:
+        model.train(was_training)
+
+
+def run_training(
+    bundle: Bundle,
+    new: Sequence[Example],
+    replay_pool: Sequence[Example],
+    settings: TrainSettings,
+    *,
+    previous_version: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Candidate:
+    """Train one run on top of `previous_version` (a version directory) or a fresh adapter."""
+    model = lora.attach(bundle.model, settings.adapter, previous_version, seed=settings.seed)
+    previous_fisher: dict[str, torch.Tensor] | None = None
+    if previous_version is not None and (previous_version / FISHER_FILE).is_file():
+        previous_fisher = ewc.load_fisher(previous_version / FISHER_FILE)
+    ewc_term = None
+    if settings.ewc_lambda > 0 and previous_fisher is not None:
+        start = {k: p.detach().clone() for k, p in lora.trainable_params(model).items()}
+        ewc_term = EwcTerm(anchor=start, fisher=ewc.normalised(previous_fisher), weight=settings.ewc_lambda)
+    anchors = train_anchors(bundle.baseline) if settings.anchor_ratio > 0 else []
+    outcome = train(
+        model,
+        bundle.tokenizer,
+        new,
+        replay_pool,
+        anchors,
+        settings,
+        ewc_term=ewc_term,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    fisher = None
+    if outcome.stopped != "interrupted" and settings.ewc_lambda > 0:
+        if progress is not None:
+            progress(
+                Progress(
+                    step=outcome.steps,
+                    total_steps=outcome.total_steps,
+                    epoch=outcome.epochs,
+                    loss=outcome.final_loss,
+                    tokens_per_s=outcome.tokens_per_s,
+                    eta_s=0.0,
+                    phase="fisher",
+                    new_em=outcome.new_em,
+                )
+            )
+        current = compute_fisher(
+            model, bundle.tokenizer, _fisher_examples(new, replay_pool, settings.seed), settings.max_seq_len
+        )
+        fisher = ewc.merge_fisher(previous_fisher, current, settings.fisher_decay)
+    return Candidate(model=model, outcome=outcome, fisher=fisher, settings=settings)
+
+
+def evaluate_candidate(
+    bundle: Bundle,
+    model: torch.nn.Module,
+    new: Sequence[Example],
+    held_back: Sequence[Example],
+    thresholds: GateThresholds,
+    output_schema: dict[str, Any] | None = None,
+    outcome: TrainOutcome | None = None,
+) -> EvalReport:
+    """Every metric of the model as it is (adapter active), and the gates against `thresholds`."""
+    metrics = compute_metrics(
+        model, bundle.tokenizer, new=new, held_back=held_back, baseline=bundle.baseline, output_schema=output_schema
+    )
+    gates = apply_gates(metrics, thresholds)
+    log.info("gates: %s", gates.summary())
+    return EvalReport(metrics=metrics, gates=gates, outcome=outcome)
+
+
+def save_version(candidate: Candidate, report: EvalReport | None, version_dir: Path) -> Path:
+    """Write adapter, Fisher and eval report into `version_dir` atomically (see the module docstring)."""
+    with atomic_dir(version_dir) as tmp:
+        candidate.model.save_pretrained(str(tmp), safe_serialization=True)
+        if candidate.fisher is not None:
+            ewc.save_fisher(tmp / FISHER_FILE, candidate.fisher)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(report.model_dump_json(indent=1), encoding="utf-8")
+    return version_dir
+
+
+def release(bundle: Bundle, candidate: Candidate) -> None:
+    """Strip the adapter layers from the base so the bundle can train or serve another adapter."""
+    base = candidate.model.unload()
+    bundle.model = base
