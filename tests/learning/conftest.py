@@ -34,7 +34,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -88,10 +88,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrain
 
 
 @pytest.fixture(autouse=True)
-def _two_threads() -> Iterator[None]:
-    # Keeps numbers reproducible between runs in one session regardless of what another test set.
+def _one_thread() -> Iterator[None]:
+    # Tiny matmuls gain nothing from threads, and one thread avoids OpenMP spin contention on a shared CPU.
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def test_penalty_gradient_pulls_back_towards_the_anchor() -> None:
     anchor = {"w": torch.zeros(3)}
     fisher = {"w": torch.ones(3)}
     w = torch.tensor([1.0, -2.0, 0.0], requires_grad=True)
-    ewc.penalty({"w": w}, anchor, fisher).backward()
+    torch.autograd.backward(ewc.penalty({"w": w}, anchor, fisher))
     assert w.grad is not None
     assert w.grad.tolist() == [2.0, -4.0, 0.0]
 
@@ -30,7 +31,11 @@ def test_penalty_gradient_pulls_back_towards_the_anchor() -> None:
 def test_empirical_fisher_is_the_mean_of_per_example_squared_gradients() -> None:
     w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
     xs = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.5])]
-    fisher = ewc.empirical_fisher({"w": w}, [lambda x=x: (w * x).sum() ** 2 for x in xs])
+
+    def loss_of(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: (w * x).sum() ** 2
+
+    fisher = ewc.empirical_fisher({"w": w}, [loss_of(x) for x in xs])
     expected = sum((2 * float((torch.tensor([1.0, -1.0]) * x).sum()) * x) ** 2 for x in xs) / 2
     torch.testing.assert_close(fisher["w"], expected)
     assert w.grad is None

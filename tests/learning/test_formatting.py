@@ -21,13 +21,13 @@ def test_labels_cover_only_the_response_and_its_eos(tokenizer: PreTrainedTokeniz
 
 
 def test_default_system_prompt_is_the_templates_and_consistent(tokenizer: PreTrainedTokenizerFast) -> None:
-    text = tokenizer.decode(encode_prompt(tokenizer, "hi", None))
+    text = str(tokenizer.decode(encode_prompt(tokenizer, "hi", None)))
     assert "Be brief." in text
     assert text.endswith("<|im_start|>assistant\n")
-    custom = tokenizer.decode(encode_prompt(tokenizer, "hi", "Answer in French."))
+    custom = str(tokenizer.decode(encode_prompt(tokenizer, "hi", "Answer in French.")))
     assert "Answer in French." in custom and "Be brief." not in custom
     enc = encode_example(tokenizer, Example(id="a", prompt="hi", response="yo", system="Answer in French."), 512)
-    assert tokenizer.decode(enc.input_ids).startswith(custom)
+    assert str(tokenizer.decode(enc.input_ids)).startswith(custom)
 
 
 def test_unfinished_responses_get_no_eos(tokenizer: PreTrainedTokenizerFast) -> None:

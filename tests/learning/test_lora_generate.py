@@ -51,7 +51,7 @@ def test_batched_left_padded_generation_equals_one_by_one(
 def test_generation_stops_at_eos(tiny_model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
     eos = tokenizer.eos_token_id
     with torch.no_grad():  # make eos very likely, so it comes within a few tokens
-        tiny_model.get_output_embeddings().weight[eos] *= 50.0
+        tiny_model.lm_head.weight[eos] *= 50.0
     out = generate_ids(tiny_model, tokenizer, [encode_prompt(tokenizer, "x")], max_new_tokens=32)
     assert len(out[0]) < 32 and out[0][-1] == eos and out[0].count(eos) == 1
     assert "<|im_end|>" not in generate(tiny_model, tokenizer, ["x"], max_new_tokens=32)[0]

@@ -31,7 +31,7 @@ def test_hub_ids_are_refused(spec: str, tmp_path: Path) -> None:
 
 def test_directory_without_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         ensure_base_model(str(tmp_path / "empty"), tmp_path)
 
 

@@ -41,7 +41,7 @@ def anchors(n: int = 4) -> list[Anchor]:
     ]
 
 
-def fresh(tokenizer: PreTrainedTokenizerFast, seed: int = 0):  # noqa: ANN201
+def fresh(tokenizer: PreTrainedTokenizerFast, seed: int = 0):
     return lora.attach_new(make_model(tokenizer), ADAPTER, seed=seed)
 
 
@@ -65,8 +65,14 @@ def test_without_early_stopping_it_runs_every_epoch(tokenizer: PreTrainedTokeniz
 
 
 def test_epoch_plan_mixes_new_replay_and_anchors(tokenizer: PreTrainedTokenizerFast) -> None:
-    run = _Run(fresh(tokenizer), tokenizer, facts(4), facts(6, prefix="old"), anchors(5),
-               settings(replay_ratio=1.0, anchor_ratio=0.5))  # fmt: skip
+    run = _Run(
+        fresh(tokenizer),
+        tokenizer,
+        facts(4),
+        facts(6, prefix="old"),
+        anchors(5),
+        settings(replay_ratio=1.0, anchor_ratio=0.5),
+    )
     plan = run.plan_epoch(0)
     keys = [k for b in plan for k in b]
     assert sorted(k for k in keys if k.startswith("new:")) == [f"new:{i}" for i in range(4)]
@@ -78,8 +84,9 @@ def test_epoch_plan_mixes_new_replay_and_anchors(tokenizer: PreTrainedTokenizerF
 
 def test_progress_reports_steps_and_eta(tokenizer: PreTrainedTokenizerFast) -> None:
     seen: list[Progress] = []
-    out = train(fresh(tokenizer), tokenizer, facts(4), [], [], settings(max_epochs=3, early_stop_em=None),
-                progress=seen.append)  # fmt: skip
+    out = train(
+        fresh(tokenizer), tokenizer, facts(4), [], [], settings(max_epochs=3, early_stop_em=None), progress=seen.append
+    )
     steps = [p for p in seen if p.phase == "train"]
     assert [p.step for p in steps] == list(range(1, out.steps + 1))
     assert all(p.total_steps == 3 and p.loss is not None and p.tokens_per_s > 0 for p in steps)
@@ -97,8 +104,9 @@ def test_should_stop_writes_a_checkpoint_and_returns_interrupted(
         calls["n"] += 1
         return calls["n"] > 3
 
-    out = train(fresh(tokenizer), tokenizer, facts(4), [], anchors(), settings(), checkpoint_dir=tmp_path,
-                should_stop=stop)  # fmt: skip
+    out = train(
+        fresh(tokenizer), tokenizer, facts(4), [], anchors(), settings(), checkpoint_dir=tmp_path, should_stop=stop
+    )
     assert out.stopped == "interrupted" and out.steps == 3
     assert out.checkpoint is not None
     ckpt = Path(out.checkpoint)
@@ -112,8 +120,15 @@ def test_should_stop_writes_a_checkpoint_and_returns_interrupted(
 
 
 def test_only_the_newest_checkpoints_are_kept(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
-    train(fresh(tokenizer), tokenizer, facts(4), [], [], settings(max_epochs=5, early_stop_em=None,
-          checkpoint_every=1, keep_checkpoints=2), checkpoint_dir=tmp_path)  # fmt: skip
+    train(
+        fresh(tokenizer),
+        tokenizer,
+        facts(4),
+        [],
+        [],
+        settings(max_epochs=5, early_stop_em=None, checkpoint_every=1, keep_checkpoints=2),
+        checkpoint_dir=tmp_path,
+    )
     assert [p.name for p in tmp_path.iterdir()] and sorted(p.name for p in tmp_path.iterdir()) == [
         "step-000004",
         "step-000005",
@@ -151,8 +166,11 @@ def test_resume_reproduces_the_uninterrupted_adapter(
 
     def ewc_for(model: torch.nn.Module) -> EwcTerm:
         params = lora.trainable_params(model)  # type: ignore[arg-type]
-        return EwcTerm(anchor={k: p.detach().clone() + 0.01 for k, p in params.items()},
-                       fisher={k: torch.ones_like(p) for k, p in params.items()}, weight=s.ewc_lambda)  # fmt: skip
+        return EwcTerm(
+            anchor={k: p.detach().clone() + 0.01 for k, p in params.items()},
+            fisher={k: torch.ones_like(p) for k, p in params.items()},
+            weight=s.ewc_lambda,
+        )
 
     full = fresh(tokenizer)
     reference = train(full, tokenizer, facts(4), pool, anchors(), s, ewc_term=ewc_for(full))
@@ -165,28 +183,50 @@ def test_resume_reproduces_the_uninterrupted_adapter(
         return calls["n"] > stop_after
 
     first = fresh(tokenizer)
-    interrupted = train(first, tokenizer, facts(4), pool, anchors(), s, ewc_term=ewc_for(first),
-                        checkpoint_dir=tmp_path, should_stop=stop)  # fmt: skip
+    interrupted = train(
+        first,
+        tokenizer,
+        facts(4),
+        pool,
+        anchors(),
+        s,
+        ewc_term=ewc_for(first),
+        checkpoint_dir=tmp_path,
+        should_stop=stop,
+    )
     assert interrupted.stopped == "interrupted" and interrupted.steps == stop_after
 
     # A new process: a fresh model with the same starting adapter, pointed at the checkpoint directory.
     torch.manual_seed(1234)  # the global RNG state must come from the checkpoint, not from here
     second = fresh(tokenizer)
-    resumed = train(second, tokenizer, facts(4), pool, anchors(), s, ewc_term=ewc_for(second),
-                    checkpoint_dir=tmp_path)  # fmt: skip
+    resumed = train(second, tokenizer, facts(4), pool, anchors(), s, ewc_term=ewc_for(second), checkpoint_dir=tmp_path)
     assert resumed.resumed_from_step == stop_after
     assert resumed.steps == reference.steps and resumed.stopped == reference.stopped
     got = lora.adapter_state(second)
     for k, v in expected.items():
-        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+        assert torch.equal(got[k], v), k  # bit-identical
     assert resumed.example_losses == pytest.approx(reference.example_losses, abs=1e-5)
 
 
 def test_a_checkpoint_from_another_run_is_ignored(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
-    train(fresh(tokenizer), tokenizer, facts(4), [], [], settings(max_epochs=2, early_stop_em=None, checkpoint_every=1),
-          checkpoint_dir=tmp_path)  # fmt: skip
-    out = train(fresh(tokenizer), tokenizer, facts(3), [], [], settings(max_epochs=1, early_stop_em=None),
-                checkpoint_dir=tmp_path)  # fmt: skip
+    train(
+        fresh(tokenizer),
+        tokenizer,
+        facts(4),
+        [],
+        [],
+        settings(max_epochs=2, early_stop_em=None, checkpoint_every=1),
+        checkpoint_dir=tmp_path,
+    )
+    out = train(
+        fresh(tokenizer),
+        tokenizer,
+        facts(3),
+        [],
+        [],
+        settings(max_epochs=1, early_stop_em=None),
+        checkpoint_dir=tmp_path,
+    )
     assert out.resumed_from_step is None and out.steps == 1
 
 
