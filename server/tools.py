@@ -161,6 +161,39 @@ async def create_kernel(
     return await _kernel_info(state, kernel)
 
 
+@tool
+async def configure_kernel(
+    kernel: KernelArg,
+    ctx: Context[AppState],
+    settings: Annotated[TrainSettings | None, Field(description="Replaces the training settings.")] = None,
+    gates: Annotated[GateThresholds | None, Field(description="Replaces the gate thresholds.")] = None,
+    output_schema: Annotated[
+        dict[str, Any] | None, Field(description="Replaces the answer JSON Schema; {} removes it.")
+    ] = None,
+    description: Annotated[str | None, Field(max_length=2000)] = None,
+) -> KernelInfo:
+    """Change a kernel's training settings, gates or answer schema; the next run uses them."""
+    state = _state(ctx)
+    k = await state.store.kernels.get(_kernel_name(kernel))
+    config = KernelConfig.model_validate(k.config)
+    changes: dict[str, Any] = {}
+    if settings is not None:
+        changes["train"] = settings
+    if gates is not None:
+        changes["gates"] = gates
+    if output_schema is not None:
+        if output_schema:
+            _check_schema(output_schema)
+        changes["output_schema"] = output_schema or None
+    if not changes and description is None:
+        raise ToolError("nothing to change: pass settings, gates, output_schema or description")
+    updated = await state.store.kernels.set_config(
+        k.name, config.model_copy(update=changes).model_dump(mode="json"), description
+    )
+    await state.notifier.updated(kernel_uri(k.name))
+    return await _kernel_info(state, updated)
+
+
 def _check_schema(schema: dict[str, Any]) -> None:
     import jsonschema  # deferred: only kernels with an output schema need it
 

@@ -65,10 +65,10 @@ class Kernels:
                 (status, self._db.clock.iso(), name),
             )
 
-    async def set_config(self, name: str, config: dict[str, Any]) -> Kernel:
+    async def set_config(self, name: str, config: dict[str, Any], description: str | None = None) -> Kernel:
         async with self._db.transaction() as tx:
             await tx.execute(
-                "UPDATE kernels SET config = ?, updated_at = ? WHERE name = ?",
-                (json.dumps(config), self._db.clock.iso(), name),
+                "UPDATE kernels SET config = ?, description = COALESCE(?, description), updated_at = ? WHERE name = ?",
+                (json.dumps(config), description, self._db.clock.iso(), name),
             )
         return await self.get(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,3 +58,50 @@ def connect(settings: Settings, mode: str) -> Any:
             yield client
 
     return _connect
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Llama saved as a local model directory, and its baseline cache, built once."""
+    from learning.anchors import ensure_baseline
+    from learning.model_loading import load_base
+    from tests.learning.conftest import make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    model_dir, cache = root / "model", root / "cache"
+    tokenizer = make_tokenizer()
+    make_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add contention
+    try:
+        model, tok = load_base(model_dir)
+        ensure_baseline(model, tok, model_dir, cache)
+    finally:
+        torch.set_num_threads(threads)
+    return model_dir, cache
+
+
+@pytest.fixture
+def tiny_env(home: Path, tiny_base: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """ENGRAIN_* for real processes over the tiny model, with its baseline already in the home's cache."""
+    from tests.procs import free_port
+
+    model_dir, cache = tiny_base
+    shutil.copytree(cache, home / "cache")
+    env = {
+        "ENGRAIN_HOME": str(home),
+        "ENGRAIN_BASE_MODEL": str(model_dir),
+        "ENGRAIN_HOST_PORT": str(free_port()),
+        "ENGRAIN_EMBEDDED_SERVICES": "false",
+        "ENGRAIN_HOST_CONTROLLER": "http",
+        "HF_HUB_OFFLINE": "1",
+        # The tiny model gains nothing from threads, and two-thread processes side by side spin-wait.
+        "ENGRAIN_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env

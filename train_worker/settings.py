@@ -168,6 +168,7 @@ class Layout:
     def ensure(self) -> None:
         for d in (
             self.requests,
+            self.active,
             self.results,
             self.archive,
             self.quarantine,

@@ -30,7 +30,7 @@ WORKER_COMMAND: Sequence[str] = (sys.executable, "-m", "server.cli", "worker")
 
 def has_work(settings: Settings) -> bool:
     layout = settings.layout
-    return layout.pending.exists() or any(p.name.startswith("r-") for p in layout.active.iterdir())
+    return layout.pending.exists() or any(layout.active.glob("r-*"))
 
 
 class _Wake(FileSystemEventHandler):
