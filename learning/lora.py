@@ -91,5 +91,11 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
 def save_adapter(model: PeftModel, out_dir: Path) -> Path:
     """Save the adapter (config + safetensors) to `out_dir` atomically, replacing what was there."""
     with atomic_dir(out_dir, replace=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        write_adapter(model, tmp)
     return out_dir
+
+
+def write_adapter(model: PeftModel, directory: Path) -> None:
+    """peft's adapter files (config + safetensors) into an existing directory, without its model card."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    (directory / "README.md").unlink(missing_ok=True)

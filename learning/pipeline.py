@@ -204,7 +204,7 @@ def evaluate_candidate(
 def save_version(candidate: Candidate, report: EvalReport | None, version_dir: Path) -> Path:
     """Write adapter, Fisher and eval report into `version_dir` atomically (see the module docstring)."""
     with atomic_dir(version_dir) as tmp:
-        candidate.model.save_pretrained(str(tmp), safe_serialization=True)
+        lora.write_adapter(candidate.model, tmp)
         if candidate.fisher is not None:
             ewc.save_fisher(tmp / FISHER_FILE, candidate.fisher)
         if report is not None:

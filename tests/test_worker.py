@@ -61,6 +61,10 @@ async def new_run(client: Client, kernel: str = "tiny", settings: dict[str, Any]
     return str((await call(client, "train_model", kernel=kernel))["run_id"])
 
 
+async def kernel_info(client: Client, name: str) -> dict[str, Any]:
+    return dict(next(k for k in (await call(client, "list_kernels"))["kernels"] if k["name"] == name))
+
+
 async def finished_run(client: Client, run_id: str, within: float = 120) -> dict[str, Any]:
     async def done() -> dict[str, Any] | None:
         run = (await call(client, "training_status", run_id=run_id))["run"]
@@ -152,7 +156,7 @@ async def test_kill_9_loses_nothing_and_the_watcher_resumes_and_restores_the_hos
         seen = phases(settings, run_id)
         assert "resumed" in seen and seen.count("claimed") == 1
         assert read_model(state_path, RunState).attempts == 2
-        kernel = [k for k in (await call(client, "list_kernels"))["kernels"] if k["name"] == "tiny"][0]
+        kernel = await kernel_info(client, "tiny")
         assert kernel["experiences"] == len(FACTS) and kernel["untrained"] == 0
         assert (host_health(port) or {}).get("status") == "ok"
     # Loaded at start, reloaded by the watcher after the kill, and by the resumed worker at its end.
@@ -186,7 +190,7 @@ async def test_a_failed_gate_deploys_nothing_and_says_which(procs: Procs, tiny_e
         assert gate["threshold"] == 1.0 and gate["margin"] < 0 and "acquisition" in run["error"]
         assert current.readlink() == Path("versions/v1")
         assert not (settings.layout.kernel_dir("tiny") / "versions" / "v2").exists()
-        kernel = [k for k in (await call(client, "list_kernels"))["kernels"] if k["name"] == "tiny"][0]
+        kernel = await kernel_info(client, "tiny")
         assert kernel["deployed_version"] == 1 and kernel["untrained"] == len(MORE_FACTS)
     assert (host_health(port) or {}).get("status") == "ok"
 
@@ -247,6 +251,6 @@ async def test_cancel_stops_a_running_run_and_brings_the_host_back(procs: Procs,
         result = read_model(settings.layout.run_dir(run_id) / "result.json", RunResult)
         assert result.host_restored is True
         assert not (settings.layout.run_dir(run_id) / "checkpoints").exists()
-        kernel = [k for k in (await call(client, "list_kernels"))["kernels"] if k["name"] == "tiny"][0]
+        kernel = await kernel_info(client, "tiny")
         assert kernel["untrained"] == len(FACTS) and kernel["deployed_version"] is None
     assert (host_health(port) or {}).get("status") == "ok"

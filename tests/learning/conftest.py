@@ -109,3 +109,13 @@ def facts(n: int = 4, prefix: str = "f") -> list[Example]:
         )
         for i in range(n)
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """(models_dir, cache_dir) where the tiny model's baseline is already cached."""
+    from learning.pipeline import load_bundle
+
+    root = tmp_path_factory.mktemp("engrain-home")
+    load_bundle(str(tiny_model_dir), root / "models", root / "cache", num_threads=1)
+    return root / "models", root / "cache"
