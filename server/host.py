@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import uvicorn
 from peft import PeftModel
+from peft.utils.hotswap import hotswap_adapter
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -85,6 +86,7 @@ class Engine:
         self._model: PeftModel | None = None
         self.tokenizer: Any = None
         self._resident: dict[str, tuple[int, str]] = {}  # kernel -> (version, adapter name)
+        self.last_deploy_ms: float | None = None
         self._thread = threading.Thread(target=self._loop, name="engrain-engine", daemon=True)
         self.stopped = threading.Event()
 
@@ -185,17 +187,28 @@ class Engine:
             if resident is not None:
                 self._drop(kernel)
             return None, None
-        name = f"{kernel}@v{version}".replace("-", "_").replace("@", "__")
-        folder = KernelFiles(self.layout, kernel).version_dir(version)
+        folder = str(KernelFiles(self.layout, kernel).version_dir(version))
+        name = "k_" + kernel.replace("-", "_")  # one peft adapter per kernel; versions replace its weights
         started = time.perf_counter()
-        if self._model is None:
-            self._model = PeftModel.from_pretrained(self._base, str(folder), adapter_name=name, is_trainable=False)
-        else:
-            self._model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        if resident is not None:
-            self._drop(kernel)
+        how = "hot-swapped"
+        if resident is not None and self._model is not None:
+            try:
+                # Same shape as the resident version (the usual case: a run continues the last one):
+                # copy the new weights into place, no new modules, no base reload.
+                hotswap_adapter(self._model, folder, adapter_name=name)
+            except (RuntimeError, ValueError) as exc:
+                log.info("kernel %s: v%d cannot be hot-swapped (%s); loading it beside", kernel, version, exc)
+                self._drop(kernel)
+                resident = None
+        if resident is None:
+            how = "loaded"
+            if self._model is None:
+                self._model = PeftModel.from_pretrained(self._base, folder, adapter_name=name, is_trainable=False)
+            else:
+                self._model.load_adapter(folder, adapter_name=name, is_trainable=False)
         self._resident[kernel] = (version, name)
-        log.info("kernel %s now serves v%d (loaded in %.0f ms)", kernel, version, (time.perf_counter() - started) * 1e3)
+        self.last_deploy_ms = (time.perf_counter() - started) * 1e3
+        log.info("kernel %s now serves v%d (%s in %.0f ms)", kernel, version, how, self.last_deploy_ms)
         return version, name
 
     def _drop(self, kernel: str) -> None:
@@ -204,7 +217,11 @@ class Engine:
         remaining = [n for _, n in self._resident.values()]
         if remaining:
             self._model.set_adapter(remaining[0])
-        self._model.delete_adapter(name)
+            self._model.delete_adapter(name)
+        else:
+            # peft keeps pointing at a deleted last adapter; strip the LoRA layers off the base instead.
+            self._base = self._model.unload()
+            self._model = None
 
     def _generate(self, kernel: str, jobs: list[Job]) -> None:
         try:
