@@ -30,14 +30,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from train_worker.auth_token import load_or_create_token
 
     token, path = load_or_create_token(settings)
-    base_url = f"http://{args.address}:{args.port}"
+    port = args.port or settings.mcp_port
+    base_url = f"http://{args.address}:{port}"
     where = f"in {path}" if path else "from ENGRAIN_TOKEN"
     logging.getLogger("engrain").warning("MCP over HTTP at %s/mcp; bearer token %s", base_url, where)
     mcp = create_server(settings, token_verifier=StaticTokenVerifier(token), auth=auth_settings(base_url))
     security = None
     if args.allowed_host:
         security = TransportSecuritySettings(allowed_hosts=args.allowed_host)
-    mcp.run("streamable-http", host=args.address, port=args.port, transport_security=security)
+    mcp.run("streamable-http", host=args.address, port=port, transport_security=security)
     return 0
 
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the MCP server (stdio by default)")
     serve.add_argument("--http", action="store_true", help="serve streamable HTTP at /mcp with bearer-token auth")
     serve.add_argument("--address", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8764, help="HTTP port (default 8764)")
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (default ENGRAIN_MCP_PORT, 8764)")
     serve.add_argument(
         "--allowed-host", action="append", help="extra Host header to accept (repeatable), e.g. engrain.lan:8764"
     )

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     token: SecretStr | None = Field(
         default=None, description="Bearer token for MCP-over-HTTP and the host's admin endpoints."
     )
+    mcp_port: int = Field(default=8764, ge=1, le=65535, description="Port of `engrain serve --http`.")
     host_address: str = "127.0.0.1"
     host_port: int = Field(default=8765, ge=1, le=65535)
     host_controller: HostController = Field(
