@@ -150,7 +150,8 @@ async def test_each_exec_start_runs_as_its_unit_would(tiny_env: dict[str, str], 
         start("engrain-mcp.service")
         url = f"http://127.0.0.1:{mcp_port}/mcp"
         await anyio.to_thread.run_sync(lambda: wait_for(lambda: _answers(url), what="engrain-mcp"))
-        assert httpx.post(url, json={}).status_code == 401  # the HTTP service requires its token
+        async with httpx.AsyncClient() as http:
+            assert (await http.post(url, json={})).status_code == 401  # the HTTP service requires its token
 
         async with Client(create_server(settings)) as client:
             await call(client, "create_kernel", name="tiny", settings=TINY, gates=LENIENT)
