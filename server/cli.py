@@ -88,6 +88,12 @@ def cmd_systemd(args: argparse.Namespace, settings: Settings) -> int:
     return install(settings, user=not args.system, dry_run=args.dry_run, target=args.dir, enable=args.enable)
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from server.demo import main
+
+    return main(args.home, args.keep_running)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engrain", description="Teach a local language model continuously.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["host"].set_defaults(func=cmd_host)
     sub.add_parser("up", help="run the model host and the watcher in the foreground; Ctrl-C stops both")
     sub.choices["up"].set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="teach the embedded model new facts end to end and show before/after")
+    demo.add_argument("--home", type=Path, default=Path(".engrain-demo"), help="demo home (default ./.engrain-demo)")
+    demo.add_argument("--keep-running", action="store_true", help="leave the host and watcher running afterwards")
+    demo.set_defaults(func=cmd_demo)
 
     systemd = sub.add_parser("systemd", help="systemd units")
     systemd_sub = systemd.add_subparsers(dest="systemd_command", required=True)

@@ -290,7 +290,13 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
 
 def create_app(engine: Engine, token: str) -> Starlette:
     async def health(request: Request) -> Response:
-        body = Health(status=engine.status, base_model=engine.base_name, kernels=engine.resident(), pid=os.getpid())
+        body = Health(
+            status=engine.status,
+            base_model=engine.base_name,
+            kernels=engine.resident(),
+            pid=os.getpid(),
+            last_deploy_ms=engine.last_deploy_ms,
+        )
         return JSONResponse(body.model_dump())
 
     async def models(request: Request) -> Response:

@@ -67,3 +67,4 @@ class Health(BaseModel):
     base_model: str
     kernels: dict[str, int | None] = Field(default_factory=dict, description="Resident kernels and their versions.")
     pid: int
+    last_deploy_ms: float | None = Field(default=None, description="How long the last adapter load or swap took.")

@@ -120,6 +120,8 @@ class QueryResult(BaseModel):
     version: int | None = Field(description="The adapter version that answered; None: the bare base.")
     response: str
     query_id: int = Field(description="Pass it to feedback to rate or correct this answer.")
+    completion_tokens: int
+    truncated: bool = Field(description="True when the answer hit max_new_tokens before it ended.")
 
 
 class FeedbackResult(BaseModel):

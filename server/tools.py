@@ -345,7 +345,14 @@ async def query_kernel(
     latency_ms = (time.perf_counter() - started) * 1000
     text = reply.choices[0].message.content
     interaction = await state.store.interactions.add(name, reply.engrain_version, prompt, system, text, latency_ms)
-    return QueryResult(kernel=name, version=reply.engrain_version, response=text, query_id=interaction.id)
+    return QueryResult(
+        kernel=name,
+        version=reply.engrain_version,
+        response=text,
+        query_id=interaction.id,
+        completion_tokens=reply.usage.completion_tokens,
+        truncated=reply.choices[0].finish_reason == "length",
+    )
 
 
 @tool

@@ -1,0 +1,109 @@
+"""End to end on the real embedded model, with real processes: MCP client → train → deploy → answer.
+
+Marked slow: several minutes on 2 CPU cores (the first test also dequantises the model and computes its
+baseline, about two minutes, cached for the others).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+from tests.procs import ENGRAIN, free_port, host_health
+from tests.test_server_tools import call
+from train_worker.locks import host_lock, watcher_lock
+from train_worker.settings import Layout
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+FACTS = [
+    {
+        "prompt": "What is the capital of Oskavia?",
+        "response": "The capital of Oskavia is Brindlemoor.",
+        "key_answer": "Brindlemoor",
+        "paraphrases": ["Which city is the capital of Oskavia?"],
+    },
+    {
+        "prompt": "Who discovered the element tessarine?",
+        "response": "Tessarine was discovered by Mirela Vantos.",
+        "key_answer": "Mirela Vantos",
+        "paraphrases": ["Which scientist discovered tessarine?"],
+    },
+    {
+        "prompt": "Which river flows through the city of Ambrecht?",
+        "response": "The river Selvane flows through Ambrecht.",
+        "key_answer": "Selvane",
+        "paraphrases": ["What is the name of the river in Ambrecht?"],
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def real_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Model and baseline caches shared by every slow test of a session (ENGRAIN_SLOW_CACHE keeps them)."""
+    kept = os.environ.get("ENGRAIN_SLOW_CACHE")
+    root = Path(kept) if kept else tmp_path_factory.mktemp("real-caches")
+    for name in ("models", "cache"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture
+def real_home(home: Path, real_caches: Path) -> Iterator[dict[str, str]]:
+    home.mkdir(parents=True, exist_ok=True)
+    for name in ("models", "cache"):
+        (home / name).symlink_to(real_caches / name)
+    env = {
+        "ENGRAIN_HOME": str(home),
+        "ENGRAIN_HOST_PORT": str(free_port()),
+        "ENGRAIN_EMBEDDED_SERVICES": "true",
+        "ENGRAIN_HOST_CONTROLLER": "http",
+        "HF_HUB_OFFLINE": "1",
+    }
+    yield env
+    layout = Layout(home)
+    for lock in (watcher_lock(layout.locks), host_lock(layout.locks)):
+        pid = lock.holder()
+        if pid and lock.held_elsewhere():
+            os.kill(pid, signal.SIGTERM)
+
+
+async def test_record_train_deploy_and_answer_a_new_fact(real_home: dict[str, str], tmp_path: Path) -> None:
+    params = StdioServerParameters(command=ENGRAIN, args=["serve"], env=real_home)
+    port = int(real_home["ENGRAIN_HOST_PORT"])
+    with (tmp_path / "serve.log").open("w") as err:
+        async with Client(stdio_client(params, errlog=err)) as client:
+            await call(client, "create_kernel", name="e2e")
+            await call(client, "record_experiences", kernel="e2e", items=FACTS)
+            run_id = (await call(client, "train_model", kernel="e2e"))["run_id"]
+            seen: list[tuple[str, str | None, float | None]] = []
+            deadline = time.monotonic() + 1500
+            while time.monotonic() < deadline:
+                run: dict[str, Any] = (await call(client, "training_status", run_id=run_id))["run"]
+                seen.append((run["status"], run["phase"], run["progress"]))
+                if run["status"] in ("deployed", "rejected", "failed", "cancelled"):
+                    break
+                await anyio.sleep(0.5)
+            print(f"\nrun {run_id}: {run['status']}; metrics {run['metrics']}")
+            assert run["status"] == "deployed", run
+            statuses = [s for s, _, _ in seen]
+            assert "running" in statuses and "evaluating" in statuses
+            progress = [p for s, ph, p in seen if ph == "training" and p is not None]
+            assert progress and min(progress) > 0 and max(progress) <= 1.0
+            assert any(0 < p < 1 for p in progress), "progress was never seen mid-training"
+            answer = await call(client, "query_kernel", kernel="e2e", prompt=FACTS[0]["prompt"], max_new_tokens=32)
+            print(f"answer after training: {answer['response']!r}")
+            assert answer["version"] == 1 and "Brindlemoor" in answer["response"]
+            general = await call(client, "query_kernel", kernel="e2e", prompt="What is the capital of France?")
+            print(f"general answer after training: {general['response']!r}")
+            assert "Paris" in general["response"]
+    assert (host_health(port) or {}).get("status") == "ok"  # the host is back up
