@@ -23,7 +23,7 @@ from mcp import Client
 
 from server.app import create_server
 from store.experiences import content_hash
-from store.migrations import MIGRATIONS, _split_sql
+from store.migrations import MIGRATIONS
 from train_worker.settings import Settings
 
 RESULTS = Path(__file__).with_name("results") / "record.json"
@@ -46,8 +46,8 @@ def raw_sqlite(db_path: Path, batches: list[list[dict[str, str]]]) -> float:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
-    for _, _, sql in MIGRATIONS:
-        for statement in _split_sql(sql):
+    for migration in MIGRATIONS:
+        for statement in migration.statements():
             conn.execute(statement)
     now = "2026-11-23T00:00:00.000000+00:00"
     conn.execute(

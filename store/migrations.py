@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import aiosqlite
 
 log = logging.getLogger(__name__)
 
-# Append only: a released migration is never edited. Each entry is (version, name, sql).
-MIGRATIONS: list[tuple[int, str, str]] = [
-    (
+
+class Migration(NamedTuple):
+    version: int
+    name: str
+    sql: str
+    # SQLite cannot change a CHECK constraint in place: such a migration rebuilds the table, which needs
+    # foreign keys off for its duration (checked with foreign_key_check before it commits).
+    rebuilds_tables: bool = False
+
+    def statements(self) -> list[str]:
+        """The migration's statements (no semicolons inside our string literals)."""
+        lines = [ln for ln in self.sql.splitlines() if not ln.strip().startswith("--")]
+        return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+# Append only: a released migration is never edited.
+MIGRATIONS: list[Migration] = [
+    Migration(
         1,
         "initial",
         """
@@ -146,6 +162,49 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    Migration(
+        2,
+        "feedback_curriculum",
+        """
+        -- Answers an agent rated good become 'feedback' experiences (gold examples for replay).
+        CREATE TABLE experiences_new (
+            id              INTEGER PRIMARY KEY,
+            kernel          TEXT NOT NULL REFERENCES kernels(name),
+            prompt          TEXT NOT NULL,
+            response        TEXT NOT NULL,
+            system          TEXT,
+            key_answer      TEXT,
+            paraphrases     TEXT NOT NULL DEFAULT '[]',
+            source          TEXT NOT NULL CHECK (source IN ('agent', 'correction', 'import', 'feedback')),
+            status          TEXT NOT NULL DEFAULT 'new'
+                            CHECK (status IN ('new', 'trained', 'needs_improvement', 'excluded')),
+            priority        REAL NOT NULL DEFAULT 1.0,
+            idempotency_key TEXT,
+            content_hash    TEXT NOT NULL,
+            trained_run_id  TEXT REFERENCES runs(id),
+            last_loss       REAL,
+            interaction_id  INTEGER REFERENCES interactions(id),
+            created_at      TEXT NOT NULL,
+            updated_at      TEXT NOT NULL
+        );
+        INSERT INTO experiences_new SELECT * FROM experiences;
+        DROP TABLE experiences;
+        ALTER TABLE experiences_new RENAME TO experiences;
+        CREATE UNIQUE INDEX experiences_key ON experiences(kernel, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE UNIQUE INDEX experiences_hash ON experiences(kernel, content_hash);
+        CREATE INDEX experiences_kernel_status ON experiences(kernel, status);
+
+        -- What feedback made of an answer: gold, needs_improvement, corrected, or neutral.
+        ALTER TABLE interactions ADD COLUMN verdict TEXT
+            CHECK (verdict IN ('gold', 'needs_improvement', 'corrected', 'neutral'));
+        CREATE INDEX interactions_review ON interactions(kernel, verdict, rating);
+
+        -- Failed runs before this moment do not count towards the circuit breaker.
+        ALTER TABLE kernels ADD COLUMN breaker_reset_at TEXT;
+        """,
+        rebuilds_tables=True,
+    ),
 ]
 
 
@@ -155,38 +214,39 @@ async def apply_migrations(db: aiosqlite.Connection, clock_iso: str) -> int:
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
     )
-    await db.commit()
-    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as cur:
-        row = await cur.fetchone()
-    current = int(row[0]) if row else 0
-    newest = max(v for v, _, _ in MIGRATIONS)
+    [row] = await db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+    current = int(row[0])
+    newest = MIGRATIONS[-1].version
     if current > newest:
         raise RuntimeError(
             f"database schema is version {current}, newer than this engrain knows ({newest}); "
             "upgrade engrain or point ENGRAIN_HOME at another directory"
         )
-    for version, name, sql in MIGRATIONS:
-        if version <= current:
+    for migration in MIGRATIONS:
+        if migration.version <= current:
             continue
-        log.info("applying migration %04d_%s", version, name)
+        log.info("applying migration %04d_%s", migration.version, migration.name)
+        if migration.rebuilds_tables:
+            await db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction, so before BEGIN
         # executescript would commit on its own; run statement by statement inside one transaction.
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _split_sql(sql):
+            for statement in migration.statements():
                 await db.execute(statement)
+            if migration.rebuilds_tables:
+                broken = list(await db.execute_fetchall("PRAGMA foreign_key_check"))
+                if broken:
+                    raise RuntimeError(f"migration {migration.version} would break foreign keys: {broken[:5]}")
             await db.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (version, name, clock_iso),
+                (migration.version, migration.name, clock_iso),
             )
             await db.commit()
         except BaseException:
             await db.rollback()
             raise
-        current = version
+        finally:
+            if migration.rebuilds_tables:
+                await db.execute("PRAGMA foreign_keys=ON")
+        current = migration.version
     return current
-
-
-def _split_sql(script: str) -> list[str]:
-    """Split a migration into statements (no semicolons inside our string literals)."""
-    lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

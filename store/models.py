@@ -10,7 +10,8 @@ import aiosqlite
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 KernelStatus = Literal["active", "converged", "paused"]
-ExperienceSource = Literal["agent", "correction", "import"]
+ExperienceSource = Literal["agent", "correction", "import", "feedback"]
+Verdict = Literal["gold", "needs_improvement", "corrected", "neutral"]
 ExperienceStatus = Literal["new", "trained", "needs_improvement", "excluded"]
 RunStatus = Literal["queued", "requested", "running", "evaluating", "deployed", "rejected", "failed", "cancelled"]
 RunTrigger = Literal["manual", "auto"]
@@ -42,6 +43,7 @@ class Kernel(Row):
     status: KernelStatus
     created_at: datetime
     updated_at: datetime
+    breaker_reset_at: datetime | None
 
     _parse_config = field_validator("config", mode="before")(_json)
 
@@ -163,6 +165,7 @@ class Interaction(Row):
     correction_experience_id: int | None
     created_at: datetime
     feedback_at: datetime | None
+    verdict: Verdict | None
 
 
 class QuarantineEntry(Row):

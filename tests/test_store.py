@@ -37,7 +37,7 @@ async def test_migrations_apply_once_and_record_the_version(tmp_path: Path) -> N
     await store.close()
     with sqlite3.connect(path) as raw:
         rows = raw.execute("SELECT version, name FROM schema_migrations").fetchall()
-        assert rows == [(v, n) for v, n, _ in MIGRATIONS]
+        assert rows == [(m.version, m.name) for m in MIGRATIONS]
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"kernels", "experiences", "runs", "run_events", "versions", "interactions"} <= tables
@@ -171,3 +171,30 @@ async def test_unknown_ids_raise_not_found_with_guidance(tmp_path: Path) -> None
     with pytest.raises(NotFound, match="query_id"):
         await store.interactions.get(42)
     await store.close()
+
+
+async def test_migration_2_keeps_existing_data_and_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made by the first release upgrades in place: rows, ids and foreign keys survive."""
+    import store.migrations as migrations
+
+    path = tmp_path / "engrain.db"
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:1])
+    old = await Store.open(path)
+    await old.kernels.create("k", "x", "", {})
+    [added] = await old.experiences.add_many("k", [_exp(1)])
+    await old.runs.create("r-20261123T200000-eeeeee", "k", "manual", None)
+    await old.runs.mark_requested("r-20261123T200000-eeeeee", [(added.id, "new")])
+    await old.close()
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    new = await Store.open(path)
+    assert new.db.schema_version == 2
+    kept = await new.experiences.get(added.id)
+    assert (kept.prompt, kept.response, kept.status) == ("q1", "a1", "new")
+    assert await new.runs.item_ids("r-20261123T200000-eeeeee", "new") == [added.id]
+    [gold] = await new.experiences.add_many("k", [_exp(2, source="feedback")])
+    assert (await new.experiences.get(gold.id)).source == "feedback"
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    await new.close()

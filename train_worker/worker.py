@@ -226,12 +226,20 @@ class Worker:
         self, request: TrainRequest, items: list[BatchItem], run_dir: Path, events: EventLog
     ) -> dict[str, Any]:
         # Deferred: torch and transformers load only once a run really starts.
+        from learning.anchors import baseline_path
+        from learning.model_loading import ensure_base_model
         from learning.pipeline import evaluate_candidate, load_bundle, release, run_training, save_version
         from learning.reports import Progress
 
         files = KernelFiles(self.layout, request.kernel)
         events.emit("loading", message="loading the base model")
         base = None if request.base_model == "embedded" else request.base_model
+        if not baseline_path(self.layout.cache, ensure_base_model(base, self.layout.models)).exists():
+            events.emit(
+                "loading",
+                message="first run on this base model: computing its baseline (anchor answers, probes, "
+                "reference perplexity) once, a few minutes on a CPU",
+            )
         bundle = load_bundle(base, self.layout.models, self.layout.cache, self.settings.torch_threads)
         # Continue from what serves now: a rollback since the request moved it.
         parent = files.current()
