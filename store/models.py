@@ -43,7 +43,7 @@ class Kernel(Row):
     status: KernelStatus
     created_at: datetime
     updated_at: datetime
-    breaker_reset_at: datetime | None
+    breaker_reset_at: datetime | None = None
 
     _parse_config = field_validator("config", mode="before")(_json)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,23 +19,32 @@ from store.models import NewExperience
 pytestmark = pytest.mark.anyio
 
 
-async def _store(tmp_path: Path, clock: Clock | None = None) -> Store:
-    store = await Store.open(tmp_path / "engrain.db", clock)
-    await store.kernels.create("k", "embedded", "", {})
-    return store
+@pytest.fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Store]]]:
+    """Open stores (with kernel 'k') that are closed at teardown even when the test fails."""
+    opened: list[Store] = []
+
+    async def _open(clock: Clock | None = None, path: Path | None = None, kernel: bool = True) -> Store:
+        store = await Store.open(path or tmp_path / "engrain.db", clock)
+        opened.append(store)
+        if kernel:
+            await store.kernels.create("k", "embedded", "", {})
+        return store
+
+    yield _open
+    for store in opened:
+        await store.close()
 
 
 def _exp(n: int, **kw: object) -> NewExperience:
     return NewExperience.model_validate({"prompt": f"q{n}", "response": f"a{n}", **kw})
 
 
-async def test_migrations_apply_once_and_record_the_version(tmp_path: Path) -> None:
+async def test_migrations_apply_once_and_record_the_version(open_store: Any, tmp_path: Path) -> None:
     path = tmp_path / "engrain.db"
-    store = await Store.open(path)
+    store = await open_store(kernel=False)
     assert store.db.schema_version == len(MIGRATIONS)
-    await store.close()
-    store = await Store.open(path)  # a second open applies nothing
-    await store.close()
+    await open_store(kernel=False)  # a second open applies nothing
     with sqlite3.connect(path) as raw:
         rows = raw.execute("SELECT version, name FROM schema_migrations").fetchall()
         assert rows == [(m.version, m.name) for m in MIGRATIONS]
@@ -52,9 +62,9 @@ async def test_a_newer_schema_is_refused_not_downgraded(tmp_path: Path) -> None:
         await Store.open(path)
 
 
-async def test_timestamps_are_utc_iso_text(tmp_path: Path) -> None:
+async def test_timestamps_are_utc_iso_text(open_store: Any) -> None:
     fixed = datetime(2026, 11, 23, 20, 0, tzinfo=UTC) + timedelta(microseconds=5)
-    store = await _store(tmp_path, Clock(lambda: fixed))
+    store = await open_store(Clock(lambda: fixed))
     kernel = await store.kernels.get("k")
     assert kernel.created_at == fixed
     raw = await store.db.scalar("SELECT created_at FROM kernels WHERE name = 'k'")
@@ -62,11 +72,10 @@ async def test_timestamps_are_utc_iso_text(tmp_path: Path) -> None:
     assert from_iso(raw) == fixed
     with pytest.raises(ValueError, match="naive"):
         to_iso(datetime(2026, 1, 1))
-    await store.close()
 
 
-async def test_add_many_deduplicates_by_key_and_content(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_add_many_deduplicates_by_key_and_content(open_store: Any) -> None:
+    store = await open_store()
     first = await store.experiences.add_many("k", [_exp(1, idempotency_key="x"), _exp(2), _exp(2)])
     assert [a.duplicate for a in first] == [False, False, True]
     assert first[1].id == first[2].id
@@ -76,11 +85,10 @@ async def test_add_many_deduplicates_by_key_and_content(tmp_path: Path) -> None:
     assert await store.experiences.count("k") == 3
     stored = await store.experiences.get(again[2].id)
     assert (stored.prompt, stored.response, stored.status) == ("q3", "a3", "new")
-    await store.close()
 
 
-async def test_a_reused_key_with_new_content_fails_the_whole_batch(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_a_reused_key_with_new_content_fails_the_whole_batch(open_store: Any) -> None:
+    store = await open_store()
     await store.experiences.add_many("k", [_exp(1, idempotency_key="x")])
     with pytest.raises(Conflict, match=r"items\[1\]: idempotency_key 'x' was already used"):
         await store.experiences.add_many("k", [_exp(5), _exp(6, idempotency_key="x")])
@@ -88,19 +96,17 @@ async def test_a_reused_key_with_new_content_fails_the_whole_batch(tmp_path: Pat
     with pytest.raises(Conflict, match=r"items\[1\].*also used by items\[0\]"):
         await store.experiences.add_many("k", [_exp(7, idempotency_key="y"), _exp(8, idempotency_key="y")])
     assert await store.experiences.count("k") == 1
-    await store.close()
 
 
-async def test_ids_returned_by_add_many_are_the_stored_rows(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_ids_returned_by_add_many_are_the_stored_rows(open_store: Any) -> None:
+    store = await open_store()
     added = await store.experiences.add_many("k", [_exp(n) for n in range(50)])
     for n, a in enumerate(added):
         assert (await store.experiences.get(a.id)).prompt == f"q{n}"
-    await store.close()
 
 
-async def test_run_lifecycle_deploy_marks_only_its_new_items_trained(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_run_lifecycle_deploy_marks_only_its_new_items_trained(open_store: Any) -> None:
+    store = await open_store()
     ids = [a.id for a in await store.experiences.add_many("k", [_exp(n) for n in range(3)])]
     run = await store.runs.create("r-20261123T200000-aaaaaa", "k", "manual", None)
     assert run.status == "queued"
@@ -133,11 +139,10 @@ async def test_run_lifecycle_deploy_marks_only_its_new_items_trained(tmp_path: P
     # Finishing twice changes nothing (a result picked up again after a crash).
     again = await store.runs.finish(run.id, "failed", error="late")
     assert again.status == "deployed" and again.error is None
-    await store.close()
 
 
-async def test_a_rejected_run_leaves_experiences_untrained(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_a_rejected_run_leaves_experiences_untrained(open_store: Any) -> None:
+    store = await open_store()
     [a] = await store.experiences.add_many("k", [_exp(1)])
     run = await store.runs.create("r-20261123T200000-bbbbbb", "k", "manual", None)
     await store.runs.mark_requested(run.id, [(a.id, "new")])
@@ -145,11 +150,10 @@ async def test_a_rejected_run_leaves_experiences_untrained(tmp_path: Path) -> No
     assert run.status == "rejected" and run.gates == [{"name": "acquisition_em", "status": "failed"}]
     assert (await store.experiences.get(a.id)).status == "new"
     assert await store.experiences.count_untrained("k") == 1
-    await store.close()
 
 
-async def test_progress_never_moves_a_run_backwards(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_progress_never_moves_a_run_backwards(open_store: Any) -> None:
+    store = await open_store()
     run = await store.runs.create("r-20261123T200000-cccccc", "k", "manual", None)
     now = datetime.now(UTC)
     await store.runs.record_events(
@@ -159,35 +163,34 @@ async def test_progress_never_moves_a_run_backwards(tmp_path: Path) -> None:
         run.id, [{"seq": 1, "ts": now, "phase": "training", "run_status": "running"}], 2
     )
     assert run.status == "evaluating"
-    await store.close()
 
 
-async def test_unknown_ids_raise_not_found_with_guidance(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_unknown_ids_raise_not_found_with_guidance(open_store: Any) -> None:
+    store = await open_store()
     with pytest.raises(NotFound, match="create it with create_kernel"):
         await store.kernels.get("nope")
     with pytest.raises(NotFound, match="no run with id"):
         await store.runs.get("r-20261123T200000-dddddd")
     with pytest.raises(NotFound, match="query_id"):
         await store.interactions.get(42)
-    await store.close()
 
 
-async def test_migration_2_keeps_existing_data_and_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_migration_2_keeps_existing_data_and_links(
+    open_store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A database made by the first release upgrades in place: rows, ids and foreign keys survive."""
     import store.migrations as migrations
 
     path = tmp_path / "engrain.db"
     monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:1])
-    old = await Store.open(path)
-    await old.kernels.create("k", "x", "", {})
+    old = await open_store()
     [added] = await old.experiences.add_many("k", [_exp(1)])
     await old.runs.create("r-20261123T200000-eeeeee", "k", "manual", None)
     await old.runs.mark_requested("r-20261123T200000-eeeeee", [(added.id, "new")])
     await old.close()
 
     monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
-    new = await Store.open(path)
+    new = await open_store(kernel=False)
     assert new.db.schema_version == 2
     kept = await new.experiences.get(added.id)
     assert (kept.prompt, kept.response, kept.status) == ("q1", "a1", "new")
@@ -197,4 +200,3 @@ async def test_migration_2_keeps_existing_data_and_links(tmp_path: Path, monkeyp
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    await new.close()
