@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import tzinfo
 from importlib.metadata import version as package_version
 from typing import Any
 
@@ -14,6 +15,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
+from server.autotrain import AutoTrainer
 from server.dispatch import Dispatcher
 from server.host_client import HostClient
 from server.kernel_config import KernelConfig
@@ -47,10 +49,20 @@ The kernel named 'default' always exists.
 """
 
 
+AUTO_CHECK_SECONDS = 30.0  # how often waiting kernels are re-checked (cooldowns end, windows open)
+
+
+async def _periodic(fn: Callable[[], Awaitable[None]], every: float) -> None:
+    while True:
+        await anyio.sleep(every)
+        await fn()
+
+
 def create_server(
     settings: Settings | None = None,
     *,
     clock: Clock | None = None,
+    local_tz: tzinfo | None = None,
     token_verifier: Any = None,
     auth: Any = None,
 ) -> MCPServer[AppState]:
@@ -70,13 +82,15 @@ def create_server(
             )
             notifier = Notifier(bus)
             dispatcher = Dispatcher(store, s.layout)
-            pickup = Pickup(store, s.layout, dispatcher, notifier.updated)
+            autotrainer = AutoTrainer(store, s.layout, dispatcher, notifier.updated, local_tz)
+            pickup = Pickup(store, s.layout, dispatcher, notifier.updated, autotrainer.after_run)
             host = HostClient(f"http://{s.host_address}:{s.host_port}")
-            state = AppState(s, store, dispatcher, pickup, notifier, host, default_base)
+            state = AppState(s, store, dispatcher, pickup, notifier, host, autotrainer, default_base)
             await dispatcher.reconcile()
             await anyio.to_thread.run_sync(ensure_services, s)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(Watcher(s.layout).run, pickup)
+                tg.start_soon(_periodic, autotrainer.check_all, AUTO_CHECK_SECONDS)
                 yield state
                 tg.cancel_scope.cancel()
         finally:

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.policy import AutoTrainPolicy
 from train_worker.protocol import GateThresholds, TrainSettings
 
 
@@ -17,5 +18,6 @@ class KernelConfig(BaseModel):
     output_schema: dict[str, Any] | None = Field(
         default=None, description="JSON Schema every answer must satisfy (checked by a gate)."
     )
+    auto: AutoTrainPolicy = Field(default_factory=AutoTrainPolicy)
     max_new_per_run: int = Field(default=256, ge=1, le=100_000, description="New experiences taken per run.")
     replay_pool_max: int = Field(default=1024, ge=0, le=100_000, description="Trained experiences offered for replay.")

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from server.kernel_config import KernelConfig
-from store.models import ExperienceSource, KernelStatus, RunStatus, RunTrigger
+from store.models import ExperienceSource, KernelStatus, RunStatus, RunTrigger, Verdict
 from train_worker.protocol import Gate
 
 
@@ -55,6 +55,7 @@ class RecordResult(BaseModel):
     created: int
     duplicates: int
     untrained: int = Field(description="The kernel's experiences not yet trained, after this call.")
+    auto_run: str | None = Field(default=None, description="An automatic run this recording started.")
 
 
 class TrainStarted(BaseModel):
@@ -112,6 +113,7 @@ class RunView(BaseModel):
 class StatusResult(BaseModel):
     run: RunView | None = Field(default=None, description="The run asked for, or the kernel's latest run.")
     kernel: KernelInfo | None = None
+    auto: AutoStatus | None = Field(default=None, description="With kernel=: the automatic-training outlook.")
     runs: list[RunView] = Field(default_factory=list, description="Recent runs of the kernel, or all active runs.")
 
 
@@ -127,8 +129,45 @@ class QueryResult(BaseModel):
 class FeedbackResult(BaseModel):
     query_id: int
     rating: int
-    correction_experience_id: int | None
+    verdict: Verdict = Field(description="gold (kept for replay), needs_improvement, corrected, or neutral.")
+    correction_experience_id: int | None = Field(description="The training experience made from the correction.")
+    gold_experience_id: int | None = Field(description="The replay example made from a good answer.")
+    retrain: int = Field(description="Trained experiences with this prompt that will be trained again.")
     untrained: int
+    auto_run: str | None = Field(default=None, description="An automatic run this feedback started.")
+
+
+class ReviewItem(BaseModel):
+    query_id: int
+    prompt: str
+    response: str
+    rating: int | None
+    version: int | None
+    created_at: datetime
+
+
+class ReviewQueue(BaseModel):
+    kernel: str
+    items: list[ReviewItem]
+    total: int = Field(description="All uncorrected bad answers of the kernel; items holds the worst `limit`.")
+
+
+class AutoStatus(BaseModel):
+    """Why the kernel's next automatic run is, or is not, due."""
+
+    enabled: bool
+    due: bool
+    reasons: list[str]
+    kernel_status: KernelStatus
+    untrained: int
+    min_untrained: int
+    cooldown_remaining_s: float
+    window: str | None
+    in_window: bool
+    breaker_open: bool
+    consecutive_failures: int
+    estop: bool
+    drift: float | None = Field(description="KL (nats) of untrained experiences' words from the trained ones'.")
 
 
 class RollbackResult(BaseModel):

@@ -25,6 +25,7 @@ from train_worker.settings import Layout
 log = logging.getLogger(__name__)
 
 Notify = Callable[..., Awaitable[None]]
+OnFinished = Callable[[Run], Awaitable[None]]
 
 
 def run_uri(run_id: str) -> str:
@@ -38,11 +39,19 @@ def kernel_uri(name: str) -> str:
 class Pickup:
     """Mirrors events.jsonl into run_events and records each result file exactly once."""
 
-    def __init__(self, store: Store, layout: Layout, dispatcher: Dispatcher, notify: Notify) -> None:
+    def __init__(
+        self,
+        store: Store,
+        layout: Layout,
+        dispatcher: Dispatcher,
+        notify: Notify,
+        on_finished: OnFinished | None = None,
+    ) -> None:
         self._store = store
         self._layout = layout
         self._dispatcher = dispatcher
         self._notify = notify
+        self._on_finished = on_finished
         self._lock = anyio.Lock()
 
     async def sweep(self) -> None:
@@ -100,7 +109,7 @@ class Pickup:
         # Mirror the last events first, so the run's history is complete before it is closed.
         await self._mirror(run)
         try:
-            await self._store.runs.finish(
+            finished = await self._store.runs.finish(
                 result.run_id,
                 result.status,
                 finished_at=result.finished_at,
@@ -114,9 +123,13 @@ class Pickup:
         except (ValueError, NotFound) as exc:
             await self._quarantine(path, f"result could not be recorded: {exc}")
             return
+        if result.pruned_versions:
+            await self._store.versions.mark_pruned(run.kernel, result.pruned_versions)
         os.replace(path, self._layout.archive / path.name)
         log.info("run %s ended: %s", result.run_id, result.status)
         await self._notify(run_uri(run.id), kernel_uri(run.kernel))
+        if self._on_finished is not None:
+            await self._on_finished(finished)
 
     async def _quarantine(self, path: Path, reason: str) -> None:
         stored = quarantine(path, self._layout.quarantine, reason)

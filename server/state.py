@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.autotrain import AutoTrainer
 from server.dispatch import Dispatcher
 from server.host_client import HostClient
 from server.notify import Notifier
@@ -20,6 +21,7 @@ class AppState:
     pickup: Pickup
     notifier: Notifier
     host: HostClient
+    autotrainer: AutoTrainer
     default_base: str
 
     @property

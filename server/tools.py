@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from server.host_client import HostError, HostUnavailable
 from server.kernel_config import KernelConfig
 from server.limits import check_experience, check_text
 from server.outputs import (
+    AutoStatus,
     EventView,
     ExperienceIn,
     FeedbackResult,
@@ -24,15 +26,18 @@ from server.outputs import (
     KernelList,
     QueryResult,
     RecordResult,
+    ReviewItem,
+    ReviewQueue,
     RollbackResult,
     RunView,
     StatusResult,
     TrainStarted,
 )
 from server.pickup import kernel_uri, run_uri
+from server.policy import AutoTrainPolicy
 from server.state import AppState
 from store.errors import StoreError
-from store.models import ExperienceSource, Kernel, NewExperience, Run
+from store.models import ExperienceSource, ExperienceStatus, Interaction, Kernel, NewExperience, Run, Verdict
 from train_worker.deploy import DeployError, KernelFiles
 from train_worker.protocol import (
     Gate,
@@ -43,6 +48,8 @@ from train_worker.protocol import (
     check_kernel_name,
     check_run_id,
 )
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -171,8 +178,11 @@ async def configure_kernel(
         dict[str, Any] | None, Field(description="Replaces the answer JSON Schema; {} removes it.")
     ] = None,
     description: Annotated[str | None, Field(max_length=2000)] = None,
+    auto: Annotated[
+        AutoTrainPolicy | None, Field(description="Replaces the auto-training policy (off unless enabled).")
+    ] = None,
 ) -> KernelInfo:
-    """Change a kernel's training settings, gates or answer schema; the next run uses them."""
+    """Change a kernel's training settings, gates, answer schema or auto-training policy; the next run uses them."""
     state = _state(ctx)
     k = await state.store.kernels.get(_kernel_name(kernel))
     config = KernelConfig.model_validate(k.config)
@@ -181,16 +191,19 @@ async def configure_kernel(
         changes["train"] = settings
     if gates is not None:
         changes["gates"] = gates
+    if auto is not None:
+        changes["auto"] = auto
     if output_schema is not None:
         if output_schema:
             _check_schema(output_schema)
         changes["output_schema"] = output_schema or None
     if not changes and description is None:
-        raise ToolError("nothing to change: pass settings, gates, output_schema or description")
+        raise ToolError("nothing to change: pass settings, gates, auto, output_schema or description")
     updated = await state.store.kernels.set_config(
         k.name, config.model_copy(update=changes).model_dump(mode="json"), description
     )
     await state.notifier.updated(kernel_uri(k.name))
+    await _auto_check(state, k.name)
     return await _kernel_info(state, updated)
 
 
@@ -266,13 +279,25 @@ async def _record(state: AppState, kernel: str, items: list[ExperienceIn], *, si
         name, [NewExperience.model_validate(item.model_dump()) for item in items]
     )
     duplicates = sum(1 for a in added if a.duplicate)
+    auto = await _auto_check(state, name)
     return RecordResult(
         kernel=name,
         ids=[a.id for a in added],
         created=len(added) - duplicates,
         duplicates=duplicates,
         untrained=await state.store.experiences.count_untrained(name),
+        auto_run=auto,
     )
+
+
+async def _auto_check(state: AppState, kernel: str) -> str | None:
+    """Start an automatic run if the kernel's policy says one is due; the caller's own work never fails for it."""
+    try:
+        run = await state.autotrainer.check(kernel)
+    except Exception:
+        log.exception("auto-training check failed for kernel %s", kernel)
+        return None
+    return run.id if run is not None else None
 
 
 @tool
@@ -321,7 +346,12 @@ async def training_status(
         k = await state.store.kernels.get(_kernel_name(kernel))
         runs = await state.store.runs.recent(k.name, limit=10)
         views = [await run_view(state, r) for r in runs]
-        return StatusResult(run=views[0] if views else None, kernel=await _kernel_info(state, k), runs=views)
+        return StatusResult(
+            run=views[0] if views else None,
+            kernel=await _kernel_info(state, k),
+            runs=views,
+            auto=await auto_status(state, k),
+        )
     active = await state.store.runs.with_status("queued", "requested", "running", "evaluating")
     return StatusResult(runs=[await run_view(state, r) for r in active])
 
@@ -364,32 +394,128 @@ async def feedback(
         str | None, Field(description="The answer the kernel should have given; it becomes training data.")
     ] = None,
 ) -> FeedbackResult:
-    """Rate a query_kernel answer; a correction is recorded as a training experience (you are the teacher)."""
+    """Rate a query_kernel answer; you are the teacher.
+
+    A correction becomes a training experience. An answer rated 4-5 becomes a gold example the kernel
+    rehearses so it keeps that behaviour. One rated 1-2 without a correction joins review_queue, and a
+    trained experience with the same prompt is trained again.
+    """
     state = _state(ctx)
     interaction = await state.store.interactions.get(query_id)
-    experience_id = None
+    kernel = interaction.kernel
+    correction_id = gold_id = None
+    retrain = 0
     if correction is not None:
         check_text("correction", correction, state.settings.max_response_chars, "ENGRAIN_MAX_RESPONSE_CHARS")
-        [added] = await state.store.experiences.add_many(
-            interaction.kernel,
-            [
-                NewExperience(
-                    prompt=interaction.prompt,
-                    response=correction,
-                    system=interaction.system,
-                    source="correction",
-                    interaction_id=interaction.id,
-                    priority=2.0,
-                )
-            ],
-        )
-        experience_id = added.id
-    await state.store.interactions.set_feedback(query_id, rating, correction, experience_id)
+        verdict: Verdict = "corrected"
+        correction_id = await _add_one(state, kernel, interaction, correction, "correction", "new", priority=2.0)
+    elif rating >= GOOD_RATING:
+        verdict = "gold"
+        # Already right: store it as trained, so it is rehearsed in replay without starting a run.
+        gold_id = await _add_one(state, kernel, interaction, interaction.response, "feedback", "trained")
+    elif rating <= BAD_RATING:
+        verdict = "needs_improvement"
+    else:
+        verdict = "neutral"
+    if rating <= BAD_RATING:
+        retrain = await state.store.experiences.mark_needs_improvement(kernel, interaction.prompt)
+    await state.store.interactions.set_feedback(query_id, rating, verdict, correction, correction_id)
+    auto = await _auto_check(state, kernel) if correction_id is not None or retrain else None
     return FeedbackResult(
         query_id=query_id,
         rating=rating,
-        correction_experience_id=experience_id,
-        untrained=await state.store.experiences.count_untrained(interaction.kernel),
+        verdict=verdict,
+        correction_experience_id=correction_id,
+        gold_experience_id=gold_id,
+        retrain=retrain,
+        untrained=await state.store.experiences.count_untrained(kernel),
+        auto_run=auto,
+    )
+
+
+GOOD_RATING = 4
+BAD_RATING = 2
+
+
+async def _add_one(
+    state: AppState,
+    kernel: str,
+    interaction: Interaction,
+    response: str,
+    source: ExperienceSource,
+    status: ExperienceStatus,
+    priority: float = 1.0,
+) -> int:
+    [added] = await state.store.experiences.add_many(
+        kernel,
+        [
+            NewExperience(
+                prompt=interaction.prompt,
+                response=response,
+                system=interaction.system,
+                source=source,
+                status=status,
+                interaction_id=interaction.id,
+                priority=priority,
+            )
+        ],
+    )
+    return added.id
+
+
+@tool
+async def review_queue(
+    kernel: KernelArg,
+    ctx: Context[AppState],
+    limit: Annotated[int, Field(ge=1, le=200)] = 20,
+) -> ReviewQueue:
+    """The kernel's worst uncorrected answers (rated 1-2): correct them with feedback(query_id, rating, correction)."""
+    state = _state(ctx)
+    name = _kernel_name(kernel)
+    await state.store.kernels.get(name)
+    items, total = await state.store.interactions.review(name, limit)
+    return ReviewQueue(
+        kernel=name,
+        items=[
+            ReviewItem(
+                query_id=i.id,
+                prompt=i.prompt,
+                response=i.response,
+                rating=i.rating,
+                version=i.version,
+                created_at=i.created_at,
+            )
+            for i in items
+        ],
+        total=total,
+    )
+
+
+@tool
+async def reset_circuit_breaker(kernel: KernelArg, ctx: Context[AppState]) -> AutoStatus:
+    """Close a kernel's circuit breaker after fixing what made its runs fail; earlier failures stop counting."""
+    state = _state(ctx)
+    k = await state.store.kernels.reset_breaker(_kernel_name(kernel))
+    return await auto_status(state, k)
+
+
+async def auto_status(state: AppState, kernel: Kernel) -> AutoStatus:
+    policy = KernelConfig.model_validate(kernel.config).auto
+    decision = await state.autotrainer.decision(kernel)
+    return AutoStatus(
+        enabled=policy.enabled,
+        due=decision.due,
+        reasons=decision.reasons,
+        kernel_status=kernel.status,
+        untrained=await state.store.experiences.count_untrained(kernel.name),
+        min_untrained=policy.min_untrained,
+        cooldown_remaining_s=decision.cooldown_remaining_s,
+        window=policy.window,
+        in_window=decision.in_window,
+        breaker_open=decision.breaker_open,
+        consecutive_failures=decision.consecutive_failures,
+        estop=state.layout.estop.exists(),
+        drift=await state.autotrainer.drift(kernel.name),
     )
 
 

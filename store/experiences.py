@@ -80,20 +80,20 @@ class Experiences:
                 to_insert.append((index, item, digest))
 
             new_ids: dict[int, int] = {}
-            columns = 13
-            for part in _chunks(to_insert, 500):  # 500 rows x 13 columns stays under the variable cap
+            columns = 14
+            for part in _chunks(to_insert, 500):  # 500 rows x 14 columns stays under the variable cap
                 rows = ",".join(["(" + ",".join("?" * columns) + ")"] * len(part))
                 params = [
                     value
                     for _, i, d in part
                     for value in (
                         kernel, i.prompt, i.response, i.system, i.key_answer, json.dumps(i.paraphrases),
-                        i.source, i.priority, i.idempotency_key, d, i.interaction_id, now, now,
+                        i.source, i.priority, i.idempotency_key, d, i.interaction_id, i.status, now, now,
                     )
                 ]  # fmt: skip
                 returned = await tx.execute_fetchall(
                     "INSERT INTO experiences (kernel, prompt, response, system, key_answer, paraphrases, source,"
-                    " priority, idempotency_key, content_hash, interaction_id, created_at, updated_at)"
+                    " priority, idempotency_key, content_hash, interaction_id, status, created_at, updated_at)"
                     f" VALUES {rows} RETURNING id, content_hash",
                     params,
                 )
@@ -144,6 +144,25 @@ class Experiences:
             (kernel, limit),
         )
         return [Experience.from_row(r) for r in rows]
+
+    async def texts(self, kernel: str, *, untrained: bool, limit: int) -> list[str]:
+        """Prompt and response text of a uniform sample of untrained (or trained) experiences."""
+        where = f"status IN {_UNTRAINED}" if untrained else "status = 'trained'"
+        rows = await self._db.fetchall(
+            f"SELECT prompt || ' ' || response FROM experiences WHERE kernel = ? AND {where} ORDER BY random() LIMIT ?",
+            (kernel, limit),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def mark_needs_improvement(self, kernel: str, prompt: str) -> int:
+        """A trained experience whose prompt was answered badly is trained again; returns how many."""
+        async with self._db.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE experiences SET status = 'needs_improvement', updated_at = ?"
+                " WHERE kernel = ? AND prompt = ? AND status = 'trained' AND source != 'feedback'",
+                (self._db.clock.iso(), kernel, prompt),
+            )
+            return int(cur.rowcount)
 
     async def for_kernel(
         self, kernel: str, status: ExperienceStatus | None = None, limit: int = 100, offset: int = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from store.db import Database
 from store.errors import NotFound
-from store.models import Interaction
+from store.models import Interaction, Verdict
 
 
 class Interactions:
@@ -39,15 +39,29 @@ class Interactions:
         return Interaction.from_row(row)  # type: ignore[no-any-return]
 
     async def set_feedback(
-        self, interaction_id: int, rating: int, correction: str | None, correction_experience_id: int | None
+        self,
+        interaction_id: int,
+        rating: int,
+        verdict: Verdict,
+        correction: str | None,
+        correction_experience_id: int | None,
     ) -> Interaction:
         async with self._db.transaction() as tx:
             await tx.execute(
-                "UPDATE interactions SET rating = ?, correction = ?, correction_experience_id = ?,"
+                "UPDATE interactions SET rating = ?, verdict = ?, correction = ?, correction_experience_id = ?,"
                 " feedback_at = ? WHERE id = ?",
-                (rating, correction, correction_experience_id, self._db.clock.iso(), interaction_id),
+                (rating, verdict, correction, correction_experience_id, self._db.clock.iso(), interaction_id),
             )
         return await self.get(interaction_id)
+
+    async def review(self, kernel: str, limit: int) -> tuple[list[Interaction], int]:
+        """The worst-rated answers nobody has corrected yet, worst and newest first; and how many there are."""
+        where = "kernel = ? AND verdict = 'needs_improvement'"
+        rows = await self._db.fetchall(
+            f"SELECT * FROM interactions WHERE {where} ORDER BY rating, id DESC LIMIT ?", (kernel, limit)
+        )
+        total = await self._db.scalar(f"SELECT COUNT(*) FROM interactions WHERE {where}", (kernel,))
+        return [Interaction.from_row(r) for r in rows], int(total)
 
     async def recent(self, kernel: str, limit: int = 50) -> list[Interaction]:
         rows = await self._db.fetchall(

@@ -65,6 +65,13 @@ class Kernels:
                 (status, self._db.clock.iso(), name),
             )
 
+    async def reset_breaker(self, name: str) -> Kernel:
+        """Failed runs before now no longer count towards the circuit breaker."""
+        now = self._db.clock.iso()
+        async with self._db.transaction() as tx:
+            await tx.execute("UPDATE kernels SET breaker_reset_at = ?, updated_at = ? WHERE name = ?", (now, now, name))
+        return await self.get(name)
+
     async def set_config(self, name: str, config: dict[str, Any], description: str | None = None) -> Kernel:
         async with self._db.transaction() as tx:
             await tx.execute(

@@ -60,6 +60,7 @@ class NewExperience(BaseModel):
     priority: float = 1.0
     idempotency_key: str | None = None
     interaction_id: int | None = None
+    status: ExperienceStatus = "new"
 
 
 class Experience(Row):

@@ -39,6 +39,10 @@ class Versions:
                 (version, now, kernel),
             )
 
+    async def mark_converged(self, kernel: str, version: int) -> None:
+        async with self._db.transaction() as tx:
+            await tx.execute("UPDATE versions SET converged = 1 WHERE kernel = ? AND version = ?", (kernel, version))
+
     async def mark_pruned(self, kernel: str, versions: list[int]) -> None:
         async with self._db.transaction() as tx:
             await tx.executemany(

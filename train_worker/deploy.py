@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from train_worker.protocol import VersionMeta, fsync_dir, read_model
@@ -29,6 +30,9 @@ class DeployError(Exception):
 
 
 class KernelFiles:
+    # A version folder holding this file is never pruned (the server marks converged versions so).
+    KEEP_MARKER = "KEEP"
+
     def __init__(self, layout: Layout, kernel: str) -> None:
         self.kernel = kernel
         self.root = layout.kernel_dir(kernel)
@@ -113,11 +117,20 @@ class KernelFiles:
         os.replace(tmp, self.current_link)
         fsync_dir(self.root)
 
-    def prune(self, keep: int, protect: set[int]) -> list[int]:
-        """Delete all but the newest `keep` versions, never one in `protect` nor the current one."""
+    def rollback_target(self) -> int | None:
+        """What rollback_kernel() without a version serves: the newest version before the current one."""
+        current = self.current()
+        earlier = [v for v in self.versions() if current is None or v < current]
+        return earlier[-1] if earlier else None
+
+    def prune(self, keep: int, protect: AbstractSet[int] = frozenset()) -> list[int]:
+        """Delete all but the newest `keep` versions; never the current one, its rollback target, a version
+        marked KEEP (converged), or one in `protect`."""
         current = self.current()
         versions = self.versions()
-        keepers = set(versions[-keep:]) | protect | ({current} if current is not None else set())
+        marked = {v for v in versions if (self.version_dir(v) / self.KEEP_MARKER).exists()}
+        keepers = set(versions[-keep:]) | protect | marked
+        keepers |= {v for v in (current, self.rollback_target()) if v is not None}
         removed = []
         for version in versions:
             if version in keepers:

@@ -193,6 +193,7 @@ class RunResult(_File):
     tokens_per_s: float | None = None
     stop_reason: str | None = None
     host_restored: bool | None = Field(default=None, description="Whether the model host was brought back.")
+    pruned_versions: list[int] = Field(default_factory=list, description="Old versions the retention policy removed.")
 
     @property
     def failed_gates(self) -> list[Gate]:

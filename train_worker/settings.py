@@ -62,8 +62,12 @@ class Settings(BaseSettings):
     embedded_services: bool = Field(
         default=True, description="`engrain serve` starts the host and watcher when they are not running."
     )
-    keep_versions: int = Field(default=5, ge=2, description="Adapter versions kept per kernel.")
-    keep_checkpoints: int = Field(default=2, ge=1, description="Intermediate checkpoints kept per run.")
+    keep_versions: int = Field(
+        default=10,
+        ge=1,
+        description="Newest adapter versions kept per kernel; the deployed one, its rollback target and "
+        "converged versions are kept on top of these.",
+    )
     max_resume_attempts: int = Field(default=3, ge=1, description="Restarts of a run whose worker died.")
     max_prompt_chars: int = Field(default=8000, ge=1)
     max_response_chars: int = Field(default=16000, ge=1)

@@ -315,7 +315,7 @@ class Worker:
             write_model(staged / "meta.json", meta)
             target = files.install(staged, version)
             files.switch(version)
-            files.prune(self.settings.keep_versions, protect={parent} if parent else set())
+            pruned = files.prune(self.settings.keep_versions)
         release(bundle, candidate)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         log.info("run %s deployed %s v%d", request.run_id, request.kernel, version)
@@ -324,6 +324,7 @@ class Worker:
             "status": "deployed",
             "version": version,
             "version_path": str(target.relative_to(self.layout.home)),
+            "pruned_versions": pruned,
         }
 
     # -- bookkeeping ---------------------------------------------------------------------------
