@@ -21,8 +21,11 @@ def word_counts(texts: Iterable[str]) -> Counter[str]:
     return counts
 
 
-def kl_divergence(p: Counter[str], q: Counter[str], alpha: float = 1.0) -> float:
-    """KL(P || Q) in nats, with add-`alpha` smoothing over the union vocabulary so Q never has a zero."""
+def kl_divergence(p: Counter[str], q: Counter[str], alpha: float = 0.1) -> float:
+    """KL(P || Q) in nats, with add-`alpha` smoothing over the union vocabulary so Q never has a zero.
+
+    A small alpha: with add-one smoothing the prior swamps the few hundred words of a typical batch.
+    """
     vocab = set(p) | set(q)
     if not p or not vocab:
         return 0.0

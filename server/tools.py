@@ -496,7 +496,9 @@ async def reset_circuit_breaker(kernel: KernelArg, ctx: Context[AppState]) -> Au
     """Close a kernel's circuit breaker after fixing what made its runs fail; earlier failures stop counting."""
     state = _state(ctx)
     k = await state.store.kernels.reset_breaker(_kernel_name(kernel))
-    return await auto_status(state, k)
+    status = await auto_status(state, k)
+    await _auto_check(state, k.name)
+    return status
 
 
 async def auto_status(state: AppState, kernel: Kernel) -> AutoStatus:

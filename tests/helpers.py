@@ -76,3 +76,9 @@ async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
             if value:
                 return value
             await anyio.sleep(0.05)
+
+
+async def picked_up(layout: Layout, run_id: str) -> None:
+    """Wait until the server has recorded and archived the run's result file."""
+    path = layout.results / f"{run_id}.json"
+    await eventually(lambda: not path.exists())

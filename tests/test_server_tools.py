@@ -10,7 +10,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from tests.helpers import claim, event, eventually, fake_version, result
+from tests.helpers import claim, event, eventually, fake_version, picked_up, result
 from train_worker.protocol import BatchItem, BatchManifest, TrainRequest, read_batch, read_model
 from train_worker.settings import Settings
 
@@ -244,7 +244,7 @@ async def test_a_hand_written_result_ends_the_run_and_is_archived(connect: Any, 
             gates=[GATE | {"value": 1.0, "status": "passed", "passed": True, "margin": 0.2}],
             losses=[{"experience_id": ids[0], "loss": 0.05}],
         )  # fmt: skip
-        await eventually(lambda: not path.exists())
+        await picked_up(layout, run_id)
         assert (layout.archive / path.name).exists()
         run = (await call(client, "training_status", run_id=run_id))["run"]
         assert (run["status"], run["new_version"], run["gates"][0]["status"]) == ("deployed", 1, "passed")

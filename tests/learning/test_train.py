@@ -266,3 +266,17 @@ def test_kl_keeps_anchor_predictions_closer_to_the_base(tokenizer: PreTrainedTok
 def test_refuses_an_empty_run(tokenizer: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError, match="no new examples"):
         train(fresh(tokenizer), tokenizer, [], [], [], settings())
+
+
+def test_kl_targets_are_cached_on_disk_and_give_the_same_run(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    s = settings(max_epochs=2, early_stop_em=None, kl_weight=1.0, anchor_ratio=1.0)
+    first_model = fresh(tokenizer)
+    first = train(first_model, tokenizer, facts(4), [], anchors(4), s, kl_cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    second_model = fresh(tokenizer)
+    second = train(second_model, tokenizer, facts(4), [], anchors(4), s, kl_cache_dir=tmp_path)
+    assert second.final_loss == first.final_loss
+    a, b = lora.adapter_state(first_model), lora.adapter_state(second_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
