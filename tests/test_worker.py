@@ -254,3 +254,25 @@ async def test_cancel_stops_a_running_run_and_brings_the_host_back(procs: Procs,
         kernel = await kernel_info(client, "tiny")
         assert kernel["untrained"] == len(FACTS) and kernel["deployed_version"] is None
     assert (host_health(port) or {}).get("status") == "ok"
+
+
+async def test_feedback_loop_query_correct_autotrain_answer(procs: Procs, tiny_env: dict[str, str]) -> None:
+    """An agent corrects a wrong answer; the kernel's policy trains on it by itself; the answer is fixed."""
+    settings = Settings()
+    start_host(procs, tiny_env)
+    procs.start("watch")
+    async with Client(create_server(settings)) as client:
+        run_id = await new_run(client)
+        assert (await finished_run(client, run_id))["status"] == "deployed"
+        await call(
+            client, "configure_kernel", kernel="tiny", auto={"enabled": True, "min_untrained": 1, "cooldown_s": 0}
+        )
+        wrong = await call(client, "query_kernel", kernel="tiny", prompt="Code h7?", max_new_tokens=12)
+        assert wrong["version"] == 1 and "sul" not in wrong["response"]
+        rated = await call(client, "feedback", query_id=wrong["query_id"], rating=1, correction="It is sul.")
+        assert rated["verdict"] == "corrected" and rated["auto_run"] is not None
+        auto = await finished_run(client, rated["auto_run"])
+        assert auto["status"] == "deployed" and auto["trigger"] == "auto" and auto["new_version"] == 2
+        fixed = await call(client, "query_kernel", kernel="tiny", prompt="Code h7?", max_new_tokens=12)
+        print(f"\nbefore: {wrong['response']!r}  after: {fixed['response']!r}")
+        assert fixed["version"] == 2 and "sul" in fixed["response"]
