@@ -37,14 +37,18 @@ INSTRUCTIONS = """\
 engrain teaches a local language model (a "kernel") from what you record, without letting it forget.
 
 Recommended loop:
-1. record_experiences(kernel, items=[{prompt, response, key_answer?, paraphrases?}]) to teach facts or behaviour.
+1. record_experiences(kernel, items=[{prompt, response, key_answer?, paraphrases?}]) to teach facts or behaviour;
+   key_answer is the part a correct answer must contain.
 2. train_model(kernel) returns a run_id at once; poll training_status(run_id=...) for phase, progress and ETA,
-   or subscribe to the run's resource (engrain://runs/{run_id}) for an update when it ends.
+   or subscribe to engrain://runs/{run_id} for an update when it ends.
 3. A run is deployed only if its quality gates pass (it learnt the new items, kept earlier ones, and did not drift
    from the base model); a rejected run names the failing gate and by how much.
-4. query_kernel(kernel, prompt) to use it; feedback(query_id, rating, correction) to correct a wrong answer: the
-   correction becomes training data. You are the teacher.
-5. rollback_kernel(kernel) if a deployed version misbehaves; cancel_training(run_id) to stop a run.
+4. query_kernel(kernel, prompt) to use it. After each answer you can judge, call feedback(query_id, rating 1-5,
+   correction?): a correction becomes training data, a good answer is kept as a gold example, a bad one without a
+   correction joins review_queue(kernel) for correcting in a batch. You are the teacher.
+5. configure_kernel(kernel, auto={"enabled": true, "min_untrained": N}) lets the kernel train by itself;
+   training_status(kernel=...) says why the next automatic run is or is not due.
+6. rollback_kernel(kernel) if a deployed version misbehaves; cancel_training(run_id) to stop a run.
 The kernel named 'default' always exists.
 """
 

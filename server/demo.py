@@ -159,12 +159,12 @@ def _report(
     rows = []
     for q, key, b, a in zip(questions, keys, before, after, strict=False):
         mark = "[green]yes" if key.lower() in a.lower() else "[red]no"
-        rows.append((q, key, b, a, mark))
+        rows.append((q, key, _short(b), _short(a), mark))
     console.print(
         _table("New facts: questions and paraphrases", rows, ("question", "key", "before", "after", "learnt"))
     )
     n = len(general)
-    general_rows = [(q, b, a) for q, b, a in zip(general, before[-n:], after[-n:], strict=True)]
+    general_rows = [(q, _short(b), _short(a)) for q, b, a in zip(general, before[-n:], after[-n:], strict=True)]
     console.print(_table("General questions: kept?", general_rows, ("question", "before", "after")))
     gate_rows = [
         (
@@ -183,6 +183,12 @@ def _report(
     else:
         verdict += f": {run.get('error')}"
     console.rule(verdict)
+
+
+def _short(text: str, limit: int = 90) -> str:
+    """First sentence, at most `limit` characters: enough to see whether the fact is there."""
+    first = text.split(". ")[0]
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def _stop_services(layout: Layout) -> None:
