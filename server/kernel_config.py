@@ -19,5 +19,9 @@ class KernelConfig(BaseModel):
         default=None, description="JSON Schema every answer must satisfy (checked by a gate)."
     )
     auto: AutoTrainPolicy = Field(default_factory=AutoTrainPolicy)
+    sampling_corrections: bool = Field(
+        default=False,
+        description="Allow request_correction to ask the client's model (MCP sampling) for corrections.",
+    )
     max_new_per_run: int = Field(default=256, ge=1, le=100_000, description="New experiences taken per run.")
     replay_pool_max: int = Field(default=1024, ge=0, le=100_000, description="Trained experiences offered for replay.")

@@ -137,6 +137,17 @@ class FeedbackResult(BaseModel):
     auto_run: str | None = Field(default=None, description="An automatic run this feedback started.")
 
 
+class CorrectionResult(BaseModel):
+    query_id: int
+    suggestion: str = Field(description="What the client's model proposed.")
+    model: str = Field(description="The client model that proposed it.")
+    accepted: bool
+    reason: str
+    correction_experience_id: int | None = None
+    untrained: int
+    auto_run: str | None = None
+
+
 class ReviewItem(BaseModel):
     query_id: int
     prompt: str

@@ -9,16 +9,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import Context, Resolve, Sample
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CreateMessageResult, SamplingMessage, TextContent
 from pydantic import Field
 
 from server.dispatch import NothingToTrain
 from server.host_client import HostError, HostUnavailable
 from server.kernel_config import KernelConfig
+from server.keyfacts import missing_key_facts
 from server.limits import check_experience, check_text
 from server.outputs import (
     AutoStatus,
+    CorrectionResult,
     EventView,
     ExperienceIn,
     FeedbackResult,
@@ -181,6 +184,9 @@ async def configure_kernel(
     auto: Annotated[
         AutoTrainPolicy | None, Field(description="Replaces the auto-training policy (off unless enabled).")
     ] = None,
+    sampling_corrections: Annotated[
+        bool | None, Field(description="Allow request_correction to ask the client's model for corrections.")
+    ] = None,
 ) -> KernelInfo:
     """Change a kernel's training settings, gates, answer schema or auto-training policy; the next run uses them."""
     state = _state(ctx)
@@ -193,12 +199,16 @@ async def configure_kernel(
         changes["gates"] = gates
     if auto is not None:
         changes["auto"] = auto
+    if sampling_corrections is not None:
+        changes["sampling_corrections"] = sampling_corrections
     if output_schema is not None:
         if output_schema:
             _check_schema(output_schema)
         changes["output_schema"] = output_schema or None
     if not changes and description is None:
-        raise ToolError("nothing to change: pass settings, gates, auto, output_schema or description")
+        raise ToolError(
+            "nothing to change: pass settings, gates, auto, sampling_corrections, output_schema or description"
+        )
     updated = await state.store.kernels.set_config(
         k.name, config.model_copy(update=changes).model_dump(mode="json"), description
     )
@@ -461,6 +471,70 @@ async def _add_one(
         ],
     )
     return added.id
+
+
+async def _ask_client_model(query_id: int, ctx: Context[AppState]) -> Sample:
+    """Resolver for request_correction: check the opt-in, then ask the client's model through MCP sampling."""
+    state = _state(ctx)
+    try:
+        interaction = await state.store.interactions.get(query_id)
+        kernel = await state.store.kernels.get(interaction.kernel)
+    except StoreError as exc:
+        raise ToolError(str(exc)) from exc
+    if not KernelConfig.model_validate(kernel.config).sampling_corrections:
+        raise ToolError(
+            f"kernel {kernel.name!r} does not take corrections from the client's model; an operator can allow it "
+            "with configure_kernel(sampling_corrections=true), or correct the answer yourself with feedback"
+        )
+    question = (
+        f"A small assistant model was asked:\n{interaction.prompt}\n\nIt answered:\n{interaction.response}\n\n"
+        "If the answer is wrong or incomplete, write the correct answer; otherwise repeat it. Reply with the "
+        "answer alone, one or two sentences, naming what the question is about."
+    )
+    return Sample(
+        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=question))],
+        system_prompt="You correct answers for a small model that learns from your corrections. Be factual.",
+        max_tokens=300,
+        temperature=0.0,
+    )
+
+
+@tool
+async def request_correction(
+    query_id: Annotated[int, Field(description="A query_id from query_kernel whose answer needs correcting.")],
+    ctx: Context[AppState],
+    suggestion: Annotated[CreateMessageResult, Resolve(_ask_client_model)],
+) -> CorrectionResult:
+    """Ask your own model (MCP sampling) to correct an answer; kept as training data only if it names what the
+    question is about. Needs the kernel's opt-in (configure_kernel(sampling_corrections=true))."""
+    state = _state(ctx)
+    interaction = await state.store.interactions.get(query_id)
+    text = suggestion.content.text.strip() if isinstance(suggestion.content, TextContent) else ""
+    missing = missing_key_facts(interaction.prompt, text)
+    if not text or missing:
+        reason = "the suggestion was empty" if not text else f"the suggestion leaves out {', '.join(missing)}"
+        return CorrectionResult(
+            query_id=query_id,
+            suggestion=text,
+            model=suggestion.model,
+            accepted=False,
+            reason=f"not kept: {reason}; correct it yourself with feedback(query_id, rating, correction)",
+            untrained=await state.store.experiences.count_untrained(interaction.kernel),
+        )
+    check_text("suggestion", text, state.settings.max_response_chars, "ENGRAIN_MAX_RESPONSE_CHARS")
+    experience_id = await _add_one(state, interaction.kernel, interaction, text, "correction", "new", priority=2.0)
+    rating = interaction.rating or BAD_RATING
+    await state.store.interactions.set_feedback(query_id, rating, "corrected", text, experience_id)
+    return CorrectionResult(
+        query_id=query_id,
+        suggestion=text,
+        model=suggestion.model,
+        accepted=True,
+        reason="kept as a correction: it names every key term of the question",
+        correction_experience_id=experience_id,
+        untrained=await state.store.experiences.count_untrained(interaction.kernel),
+        auto_run=await _auto_check(state, interaction.kernel),
+    )
 
 
 @tool
