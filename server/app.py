@@ -40,7 +40,7 @@ Recommended loop:
 1. record_experiences(kernel, items=[{prompt, response, key_answer?, paraphrases?}]) to teach facts or behaviour;
    key_answer is the part a correct answer must contain.
 2. train_model(kernel) returns a run_id at once; poll training_status(run_id=...) for phase, progress and ETA,
-   or subscribe to engrain://runs/{run_id} for an update when it ends.
+   wait_for_training(run_id) to block with progress notifications, or subscribe to engrain://runs/{run_id}.
 3. A run is deployed only if its quality gates pass (it learnt the new items, kept earlier ones, and did not drift
    from the base model); a rejected run names the failing gate and by how much.
 4. query_kernel(kernel, prompt) to use it. After each answer you can judge, call feedback(query_id, rating 1-5,

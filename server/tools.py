@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
+import anyio
 from mcp.server.mcpserver import Context, Resolve, Sample
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CreateMessageResult, SamplingMessage, TextContent
@@ -364,6 +365,46 @@ async def training_status(
         )
     active = await state.store.runs.with_status("queued", "requested", "running", "evaluating")
     return StatusResult(runs=[await run_view(state, r) for r in active])
+
+
+@tool
+async def wait_for_training(
+    run_id: Annotated[RunId, Field(description="A run id from train_model.")],
+    ctx: Context[AppState],
+    timeout_s: Annotated[float, Field(gt=0, le=3600, description="Return after this long even if not done.")] = 300,
+) -> RunView:
+    """Wait for a run to end (or the timeout), sending MCP progress notifications as it goes; returns the run."""
+    state = _state(ctx)
+    run = await state.store.runs.get(run_id)
+    last: tuple[object, ...] = ()
+    with anyio.move_on_after(timeout_s):
+        while run.active:
+            seen = (run.status, run.phase, run.step)
+            if seen != last:
+                last = seen
+                await ctx.report_progress(100 * (run.progress or 0.0), 100, message=_progress_line(run))
+            await anyio.sleep(WAIT_POLL_S)
+            await state.pickup.sweep()
+            run = await state.store.runs.get(run_id)
+    if not run.active:
+        await ctx.report_progress(100, 100, message=f"{run.status}" + (f": {run.error}" if run.error else ""))
+    return await run_view(state, run, events=10)
+
+
+WAIT_POLL_S = 1.0
+
+
+def _progress_line(run: Run) -> str:
+    parts = [run.phase or run.status]
+    if run.step is not None and run.total_steps:
+        parts.append(f"step {run.step}/{run.total_steps}")
+    if run.loss is not None:
+        parts.append(f"loss {run.loss:.3f}")
+    if run.eta_s is not None:
+        parts.append(f"ETA {run.eta_s:.0f}s")
+    if run.message:
+        parts.append(run.message)
+    return ", ".join(parts)
 
 
 @tool

@@ -405,3 +405,44 @@ async def test_a_run_update_is_pushed_when_its_result_is_picked_up(settings: Set
                         break
         res = await client.read_resource(uri)
         assert json.loads(res.contents[0].text)["status"] == "failed"  # type: ignore[union-attr]
+
+
+async def test_wait_for_training_sends_progress_notifications(connect: Any, settings: Settings) -> None:
+    layout = settings.layout
+    async with connect() as client:
+        await call(client, "record_experiences", kernel="default", items=FACTS)
+        run_id = (await call(client, "train_model", kernel="default"))["run_id"]
+        claim(layout)
+        progress: list[tuple[float, str | None]] = []
+
+        async def on_progress(done: float, total: float | None, message: str | None) -> None:
+            progress.append((done, message))
+
+        async def worker() -> None:
+            await anyio.sleep(0.3)
+            event(layout, run_id, 0, "claimed")
+            for step in (1, 2, 3):
+                event(layout, run_id, step, "training", step=step, total_steps=4, loss=2.0 / step, eta_s=9.0)
+                await anyio.sleep(1.2)
+            result(layout, run_id, "default", "failed", error="disk full")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            r = await client.call_tool(
+                "wait_for_training", {"run_id": run_id, "timeout_s": 30}, progress_callback=on_progress
+            )
+        assert not r.is_error and r.structured_content is not None
+        assert r.structured_content["status"] == "failed"
+        messages = [m or "" for _, m in progress]
+        assert any("training, step 1/4" in m for m in messages) and any("step 3/4" in m for m in messages)
+        assert messages[-1] == "failed: disk full" and progress[-1][0] == 100
+        values = [v for v, _ in progress]
+        assert values == sorted(values)
+
+
+async def test_wait_for_training_returns_at_the_timeout(connect: Any, settings: Settings) -> None:
+    async with connect() as client:
+        await call(client, "record_experiences", kernel="default", items=FACTS)
+        run_id = (await call(client, "train_model", kernel="default"))["run_id"]
+        view = await call(client, "wait_for_training", run_id=run_id, timeout_s=0.5)
+        assert view["status"] == "requested"
