@@ -15,6 +15,7 @@ from server.kernel_config import KernelConfig
 from store import Store
 from store.models import Experience, Kernel, Run, RunTrigger
 from train_worker.protocol import (
+    CANCEL_MARKER,
     BatchItem,
     BatchManifest,
     ProtocolError,
@@ -28,8 +29,6 @@ from train_worker.protocol import (
 from train_worker.settings import Layout
 
 log = logging.getLogger(__name__)
-
-CANCEL_MARKER = "cancel"
 
 
 class NothingToTrain(Exception):

@@ -181,5 +181,5 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         name = Path(str(event.dest_path or event.src_path)).name
-        if name.endswith((".json", ".jsonl")) or name == "cancel":
+        if name.endswith((".json", ".jsonl")):
             self._poke()

@@ -77,7 +77,31 @@ def real_home(home: Path, real_caches: Path) -> Iterator[dict[str, str]]:
             os.kill(pid, signal.SIGTERM)
 
 
-async def test_record_train_deploy_and_answer_a_new_fact(real_home: dict[str, str], tmp_path: Path) -> None:
+CORRECTIONS = [
+    ("What is the national bird of Pelmora?", "The national bird of Pelmora is the crested warbeck.", "warbeck"),
+    ("Who wrote the novel The Glass Orchard?", "The Glass Orchard was written by Ines Calloway.", "Calloway"),
+]
+
+
+async def follow(client: Client, run_id: str, within: float = 1500) -> tuple[dict[str, Any], list[Any]]:
+    """Poll training_status like an agent would; return the final run and every (status, phase, progress) seen."""
+    seen: list[tuple[str, str | None, float | None]] = []
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        run: dict[str, Any] = (await call(client, "training_status", run_id=run_id))["run"]
+        seen.append((run["status"], run["phase"], run["progress"]))
+        if run["status"] in ("deployed", "rejected", "failed", "cancelled"):
+            break
+        await anyio.sleep(0.5)
+    print(f"\nrun {run_id} ({run['trigger']}): {run['status']}; metrics {run['metrics']}")
+    return run, seen
+
+
+async def test_an_agent_teaches_facts_then_corrects_answers_and_the_kernel_learns(
+    real_home: dict[str, str], tmp_path: Path
+) -> None:
+    """MCP client → record → train → watcher → worker → deploy → answer; then correct two wrong answers
+    and let the kernel's automatic run fix them. Prints the answers before and after."""
     params = StdioServerParameters(command=ENGRAIN, args=["serve"], env=real_home)
     port = int(real_home["ENGRAIN_HOST_PORT"])
     with (tmp_path / "serve.log").open("w") as err:
@@ -85,15 +109,7 @@ async def test_record_train_deploy_and_answer_a_new_fact(real_home: dict[str, st
             await call(client, "create_kernel", name="e2e")
             await call(client, "record_experiences", kernel="e2e", items=FACTS)
             run_id = (await call(client, "train_model", kernel="e2e"))["run_id"]
-            seen: list[tuple[str, str | None, float | None]] = []
-            deadline = time.monotonic() + 1500
-            while time.monotonic() < deadline:
-                run: dict[str, Any] = (await call(client, "training_status", run_id=run_id))["run"]
-                seen.append((run["status"], run["phase"], run["progress"]))
-                if run["status"] in ("deployed", "rejected", "failed", "cancelled"):
-                    break
-                await anyio.sleep(0.5)
-            print(f"\nrun {run_id}: {run['status']}; metrics {run['metrics']}")
+            run, seen = await follow(client, run_id)
             assert run["status"] == "deployed", run
             statuses = [s for s, _, _ in seen]
             assert "running" in statuses and "evaluating" in statuses
@@ -106,4 +122,27 @@ async def test_record_train_deploy_and_answer_a_new_fact(real_home: dict[str, st
             general = await call(client, "query_kernel", kernel="e2e", prompt="What is the capital of France?")
             print(f"general answer after training: {general['response']!r}")
             assert "Paris" in general["response"]
-    assert (host_health(port) or {}).get("status") == "ok"  # the host is back up
+            assert (host_health(port) or {}).get("status") == "ok"  # the host is back up
+
+            # Learning from use: the agent corrects two wrong answers; the policy trains on them by itself.
+            policy = {"enabled": True, "min_untrained": len(CORRECTIONS), "cooldown_s": 0}
+            await call(client, "configure_kernel", kernel="e2e", auto=policy)
+            before = {}
+            auto_run = None
+            for question, correction, key in CORRECTIONS:
+                answer = await call(client, "query_kernel", kernel="e2e", prompt=question, max_new_tokens=32)
+                before[question] = answer["response"]
+                assert key not in answer["response"]
+                rated = await call(client, "feedback", query_id=answer["query_id"], rating=1, correction=correction)
+                auto_run = rated["auto_run"] or auto_run
+            assert auto_run is not None, "the second correction should have started an automatic run"
+            run, _ = await follow(client, auto_run)
+            assert run["status"] == "deployed" and run["trigger"] == "auto", run
+            for question, _, key in CORRECTIONS:
+                after = await call(client, "query_kernel", kernel="e2e", prompt=question, max_new_tokens=32)
+                print(f"Q: {question}\n  before: {before[question]!r}\n  after:  {after['response']!r}")
+                assert after["version"] == 2 and key in after["response"]
+            kept = await call(client, "query_kernel", kernel="e2e", prompt=FACTS[0]["prompt"], max_new_tokens=32)
+            print(f"earlier fact after the second run: {kept['response']!r}")
+            assert "Brindlemoor" in kept["response"]
+    assert (host_health(port) or {}).get("status") == "ok"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,8 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.procs import ENGRAIN, free_port
 from tests.test_server_tools import FACTS, call
-
-ENGRAIN = str(Path(sys.executable).with_name("engrain"))
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -55,15 +52,9 @@ async def test_stdio_subprocess_serves_tools_and_never_imports_torch(home: Path,
     assert (home / "requests" / "pending.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def http_server(home: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "http.log").open("w")
     proc = subprocess.Popen(
         [ENGRAIN, "serve", "--http", "--port", str(port)],

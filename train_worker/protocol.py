@@ -8,6 +8,7 @@ Files (under `$ENGRAIN_HOME`, see `train_worker.settings.Layout`):
 - `runs/<run_id>/result.json`        `RunResult`, written by the worker; a copy goes to
                                      `requests/results/<run_id>.json` for the server to pick up.
 - `runs/<run_id>/state.json`         `RunState`, the worker's attempt count and what it did to the host.
+- `runs/<run_id>/cancel`             an empty marker from the server: stop this run at the next step.
 - `requests/active/<run_id>`         an empty marker: the run is claimed and has no result yet.
 - `kernels/<name>/versions/vN/meta.json`  `VersionMeta`, written by the worker before deploying.
 
@@ -36,6 +37,7 @@ from learning.examples import Example
 from learning.gates import Gate as Gate  # re-exported: a gate's verdict travels in result.json
 
 SCHEMA_VERSION: Literal[1] = 1
+CANCEL_MARKER = "cancel"  # runs/<run_id>/cancel: the server asks the worker to stop the run
 
 KERNEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 RUN_ID_PATTERN = r"^r-[0-9]{8}T[0-9]{6}-[0-9a-f]{6}$"

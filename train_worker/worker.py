@@ -23,6 +23,7 @@ from train_worker.deploy import KernelFiles
 from train_worker.host_control import HostController, controller_for
 from train_worker.locks import worker_lock
 from train_worker.protocol import (
+    CANCEL_MARKER,
     BatchItem,
     BatchManifest,
     ItemLoss,
@@ -48,7 +49,6 @@ from train_worker.settings import Layout, Settings
 log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a run was checkpointed on SIGTERM and will resume
-CANCEL_MARKER = "cancel"
 HELD_BACK_MAX = 32  # earlier items kept out of replay to measure retention honestly
 
 
@@ -170,7 +170,7 @@ class Worker:
         state = self._load_state(run_id)
         if state.host_action is not None and not state.host_restored:
             # The last worker died holding the host down; it is stopped again below if needed.
-            state = self._restore_host(state)
+            state = self.restore_host(state)
         state = self._save_state(state, attempts=state.attempts + 1, worker_pid=os.getpid())
         events = EventLog(run_dir / "events.jsonl", run_id)
         started = datetime.now(UTC)
@@ -218,7 +218,7 @@ class Worker:
             outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         finally:
             events.emit("restarting_host")
-            state = self._restore_host(state)
+            state = self.restore_host(state)
         self._finish(run_id, request.kernel, started=started, host_restored=state.host_restored, **outcome)
         events.emit("finished", message=outcome.get("status"))
 
@@ -346,7 +346,7 @@ class Worker:
         write_model(self.layout.run_dir(state.run_id) / "state.json", state)
         return state
 
-    def _restore_host(self, state: RunState) -> RunState:
+    def restore_host(self, state: RunState) -> RunState:
         restored = True
         if state.host_action is not None:
             try:
@@ -391,7 +391,7 @@ def restore_host_after_crash(settings: Settings) -> bool:
         except ProtocolError:
             continue
         if state.host_action is not None and not state.host_restored:
-            ok = worker._restore_host(state).host_restored and ok
+            ok = worker.restore_host(state).host_restored and ok
     return ok
 
 
