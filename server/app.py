@@ -23,7 +23,7 @@ from server.notify import Notifier, install_legacy_subscriptions
 from server.pickup import Pickup, Watcher
 from server.services import ensure_services
 from server.state import AppState
-from server.tools import TOOLS, _kernel_info, run_view
+from server.tools import TOOLS, kernel_info, run_view
 from store import Clock, Store
 from store.errors import NotFound
 from train_worker.protocol import check_kernel_name, check_run_id
@@ -132,7 +132,7 @@ def _add_resources(mcp: MCPServer[AppState]) -> None:
             kernel = await state.store.kernels.get(check_kernel_name(name))
         except (NotFound, ValueError) as exc:
             raise ResourceError(str(exc)) from exc
-        return (await _kernel_info(state, kernel)).model_dump_json(indent=2)
+        return (await kernel_info(state, kernel)).model_dump_json(indent=2)
 
     @mcp.resource(
         "engrain://runs/{run_id}",

@@ -1,0 +1,137 @@
+"""What every tool module shares: the registry, the state accessor, and views of kernels and runs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import Field
+
+from server.dispatch import NothingToTrain
+from server.host_client import HostError, HostUnavailable
+from server.kernel_config import KernelConfig
+from server.outputs import AutoStatus, EventView, KernelInfo, RunView
+from server.pickup import kernel_uri, run_uri
+from server.state import AppState
+from store.errors import StoreError
+from store.models import Kernel, Run
+from train_worker.deploy import DeployError
+from train_worker.protocol import Gate, check_kernel_name
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TOOLS: list[Callable[..., Awaitable[Any]]] = []
+
+KernelArg = Annotated[str, Field(description="Kernel name, e.g. 'default'.")]
+
+
+def tool(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Register a tool; expected store failures become `ToolError`s carrying their message."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain) as exc:
+            raise ToolError(str(exc)) from exc
+
+    TOOLS.append(wrapper)
+    return wrapper
+
+
+def state_of(ctx: Context[AppState]) -> AppState:
+    return ctx.request_context.lifespan_context
+
+
+def kernel_name(name: str) -> str:
+    try:
+        return check_kernel_name(name)
+    except ValueError as exc:
+        raise ToolError(str(exc)) from exc
+
+
+async def kernel_info(state: AppState, kernel: Kernel) -> KernelInfo:
+    active = await state.store.runs.active_for_kernel(kernel.name)
+    return KernelInfo(
+        name=kernel.name,
+        uri=kernel_uri(kernel.name),
+        base_model=kernel.base_model,
+        description=kernel.description,
+        status=kernel.status,
+        deployed_version=kernel.deployed_version,
+        experiences=await state.store.experiences.count(kernel.name),
+        untrained=await state.store.experiences.count_untrained(kernel.name),
+        active_run=active.id if active else None,
+        config=KernelConfig.model_validate(kernel.config),
+    )
+
+
+async def run_view(state: AppState, run: Run, events: int = 5) -> RunView:
+    gates = [Gate.model_validate(g) for g in run.gates or []]
+    return RunView(
+        run_id=run.id,
+        kernel=run.kernel,
+        uri=run_uri(run.id),
+        status=run.status,
+        trigger=run.trigger,
+        phase=run.phase,
+        progress=run.progress,
+        step=run.step,
+        total_steps=run.total_steps,
+        loss=run.loss,
+        tokens_per_s=run.tokens_per_s,
+        eta_s=run.eta_s,
+        message=run.message,
+        n_new=run.n_new,
+        n_replay=run.n_replay,
+        base_version=run.base_version,
+        new_version=run.new_version,
+        metrics=run.metrics,
+        gates=gates,
+        failed_gates=[g.name for g in gates if g.status == "failed"],
+        error=run.error,
+        cancel_requested=run.cancel_requested,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        recent_events=[
+            EventView.model_validate(e.model_dump()) for e in await state.store.runs.events(run.id, limit=events)
+        ],
+    )
+
+
+async def auto_check(state: AppState, kernel: str) -> str | None:
+    """Start an automatic run if the kernel's policy says one is due; the caller's own work never fails for it."""
+    try:
+        run = await state.autotrainer.check(kernel)
+    except Exception:
+        log.exception("auto-training check failed for kernel %s", kernel)
+        return None
+    return run.id if run is not None else None
+
+
+async def auto_status(state: AppState, kernel: Kernel) -> AutoStatus:
+    policy = KernelConfig.model_validate(kernel.config).auto
+    decision = await state.autotrainer.decision(kernel)
+    return AutoStatus(
+        enabled=policy.enabled,
+        due=decision.due,
+        reasons=decision.reasons,
+        kernel_status=kernel.status,
+        untrained=await state.store.experiences.count_untrained(kernel.name),
+        min_untrained=policy.min_untrained,
+        cooldown_remaining_s=decision.cooldown_remaining_s,
+        window=policy.window,
+        in_window=decision.in_window,
+        breaker_open=decision.breaker_open,
+        consecutive_failures=decision.consecutive_failures,
+        estop=state.layout.estop.exists(),
+        drift=await state.autotrainer.drift(kernel.name),
+    )

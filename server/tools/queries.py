@@ -1,0 +1,43 @@
+"""Asking a kernel."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from mcp.server.mcpserver import Context
+from pydantic import Field
+
+from server.limits import check_text
+from server.outputs import QueryResult
+from server.state import AppState
+from server.tools._common import KernelArg, kernel_name, state_of, tool
+
+
+@tool
+async def query_kernel(
+    kernel: KernelArg,
+    prompt: Annotated[str, Field(description="The question or instruction.")],
+    ctx: Context[AppState],
+    max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 128,
+    system: Annotated[str | None, Field(description="Optional system prompt.")] = None,
+) -> QueryResult:
+    """Ask a kernel (greedy decoding). The answer is logged; rate or correct it with feedback."""
+    state = state_of(ctx)
+    name = kernel_name(kernel)
+    await state.store.kernels.get(name)
+    check_text("prompt", prompt, state.settings.max_prompt_chars, "ENGRAIN_MAX_PROMPT_CHARS")
+    check_text("system", system, state.settings.max_system_chars, "ENGRAIN_MAX_SYSTEM_CHARS", required=False)
+    started = time.perf_counter()
+    reply = await state.host.chat(name, prompt, system, max_new_tokens)
+    latency_ms = (time.perf_counter() - started) * 1000
+    text = reply.choices[0].message.content
+    interaction = await state.store.interactions.add(name, reply.engrain_version, prompt, system, text, latency_ms)
+    return QueryResult(
+        kernel=name,
+        version=reply.engrain_version,
+        response=text,
+        query_id=interaction.id,
+        completion_tokens=reply.usage.completion_tokens,
+        truncated=reply.choices[0].finish_reason == "length",
+    )
