@@ -446,3 +446,32 @@ async def test_wait_for_training_returns_at_the_timeout(connect: Any, settings: 
         run_id = (await call(client, "train_model", kernel="default"))["run_id"]
         view = await call(client, "wait_for_training", run_id=run_id, timeout_s=0.5)
         assert view["status"] == "requested"
+
+
+async def test_query_while_the_host_is_starting_says_so(connect: Any, settings: Settings) -> None:
+    from train_worker.locks import host_lock
+
+    lock = host_lock(settings.layout.locks)
+    lock.path.parent.mkdir(parents=True, exist_ok=True)
+    holder = await anyio.to_thread.run_sync(_hold_in_child, str(lock.path))
+    try:
+        async with connect() as client:
+            text = await error(client, "query_kernel", kernel="default", prompt="Hi")
+            assert "model host is starting" in text
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _hold_in_child(path: str) -> Any:
+    """A process that holds the host lock but serves nothing, like a host still loading its model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+        " print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc

@@ -6,12 +6,15 @@ import time
 from typing import Annotated
 
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from server.host_client import HostUnavailable
 from server.limits import check_text
 from server.outputs import QueryResult
 from server.state import AppState
 from server.tools._common import KernelArg, kernel_name, state_of, tool
+from train_worker.locks import host_lock
 
 
 @tool
@@ -29,7 +32,16 @@ async def query_kernel(
     check_text("prompt", prompt, state.settings.max_prompt_chars, "ENGRAIN_MAX_PROMPT_CHARS")
     check_text("system", system, state.settings.max_system_chars, "ENGRAIN_MAX_SYSTEM_CHARS", required=False)
     started = time.perf_counter()
-    reply = await state.host.chat(name, prompt, system, max_new_tokens)
+    try:
+        reply = await state.host.chat(name, prompt, system, max_new_tokens)
+    except HostUnavailable as exc:
+        if "not reachable" in str(exc) and host_lock(state.layout.locks).held_elsewhere():
+            # A host process holds its lock but does not answer yet: it is still loading the base model.
+            raise ToolError(
+                "the model host is starting (loading the base model; the very first start also caches the "
+                "embedded model, about a minute); try again in a few seconds"
+            ) from exc
+        raise
     latency_ms = (time.perf_counter() - started) * 1000
     text = reply.choices[0].message.content
     interaction = await state.store.interactions.add(name, reply.engrain_version, prompt, system, text, latency_ms)
