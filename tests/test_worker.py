@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ import pytest
 from mcp import Client
 
 from server.app import create_server
-from tests.helpers import eventually
+from tests.helpers import claim, eventually
 from tests.procs import Procs, host_health, processes, wait_for
 from tests.test_server_tools import call
-from train_worker.protocol import RunResult, RunState, VersionMeta, read_events, read_model
+from train_worker.protocol import RunResult, RunState, VersionMeta, read_events, read_model, write_atomic, write_model
 from train_worker.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -276,3 +277,23 @@ async def test_feedback_loop_query_correct_autotrain_answer(procs: Procs, tiny_e
         fixed = await call(client, "query_kernel", kernel="tiny", prompt="Code h7?", max_new_tokens=12)
         print(f"\nbefore: {wrong['response']!r}  after: {fixed['response']!r}")
         assert fixed["version"] == 2 and "sul" in fixed["response"]
+
+
+@pytest.mark.parametrize(("interruptions", "expected"), [(0, "failed"), (2, "deployed")])
+async def test_a_run_fails_after_repeated_crashes_but_not_after_graceful_stops(
+    procs: Procs, tiny_env: dict[str, str], interruptions: int, expected: str
+) -> None:
+    settings = Settings()
+    async with Client(create_server(settings)) as client:
+        run_id = await new_run(client)
+        claim(settings.layout)
+        write_atomic(settings.layout.active / run_id, b"")
+        # Three workers already started on it; `interruptions` of them stopped on SIGTERM, the rest died.
+        state = RunState(run_id=run_id, attempts=3, interruptions=interruptions, updated_at=datetime.now(UTC))
+        write_model(settings.layout.run_dir(run_id) / "state.json", state)
+        done = await in_thread(lambda: procs.run("worker", ENGRAIN_HOST_CONTROLLER="none"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        run = await finished_run(client, run_id)
+        assert run["status"] == expected
+        if expected == "failed":
+            assert "workers died 3 times" in run["error"] and "ENGRAIN_MAX_RESUME_ATTEMPTS=3" in run["error"]

@@ -211,6 +211,7 @@ class RunState(_File):
     kind: Literal["run_state"] = "run_state"
     run_id: RunId
     attempts: int = Field(default=0, ge=0, description="Workers that have started on this run.")
+    interruptions: int = Field(default=0, ge=0, description="Of those, how many stopped gracefully on SIGTERM.")
     worker_pid: int | None = None
     host_action: HostAction | None = Field(default=None, description="What the last worker did to the host.")
     host_restored: bool = True

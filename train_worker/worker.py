@@ -101,16 +101,17 @@ class Worker:
             return 0
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            # A SIGTERM between runs just stops the loop: what waits is picked up by the next worker.
             while not self._sigterm:
                 run_id = self.next_run()
                 if run_id is None:
-                    return 0
+                    break
                 try:
                     self.process(run_id)
                 except Interrupted:
                     log.warning("run %s interrupted; its checkpoint resumes with the next worker", run_id)
                     return EXIT_INTERRUPTED
-            return EXIT_INTERRUPTED
+            return 0
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -179,11 +180,12 @@ class Worker:
         except ProtocolError as exc:
             self._finish(run_id, None, "failed", started, error=f"the claimed request is unreadable: {exc}")
             return
-        if state.attempts > self.settings.max_resume_attempts:
+        # Graceful stops (SIGTERM, checkpointed) do not count: only workers that died on the run do.
+        crashes = state.attempts - 1 - state.interruptions
+        if crashes >= self.settings.max_resume_attempts:
             error = (
-                f"the worker stopped without finishing {state.attempts - 1} times on this run (killed, or "
-                f"out of memory); giving up after ENGRAIN_MAX_RESUME_ATTEMPTS={self.settings.max_resume_attempts}. "
-                f"See {run_dir / 'worker.log'}."
+                f"workers died {crashes} times on this run (killed, or out of memory); giving up after "
+                f"ENGRAIN_MAX_RESUME_ATTEMPTS={self.settings.max_resume_attempts}. See {run_dir / 'worker.log'}."
             )
             self._finish(run_id, request.kernel, "failed", started, error=error)
             return
@@ -212,6 +214,7 @@ class Worker:
         try:
             outcome = self._train_and_deploy(request, items, run_dir, events)
         except Interrupted:
+            state = self._save_state(state, interruptions=state.interruptions + 1)
             raise
         except Exception as exc:
             log.exception("run %s failed", run_id)
