@@ -69,7 +69,7 @@ def em(bundle: Bundle, model: Any, facts: list[Example], paraphrases: bool = Fal
     return sum(s.em for s in scores) / len(scores)
 
 
-def general(bundle: Bundle, model: Any) -> dict[str, float]:
+def general(bundle: Bundle, model: Any) -> dict[str, Any]:
     """Drift against the base model: kept probes, anchor agreement, perplexity ratio."""
     report = evaluate_candidate(bundle, model, [], [], GateThresholds())
     m = report.metrics
@@ -79,6 +79,7 @@ def general(bundle: Bundle, model: Any) -> dict[str, float]:
         "ppl_ratio": m.ppl_ratio,
         "anchor_agreement": m.anchor_agreement or 0.0,
         "probe_accuracy": m.probe_accuracy or 0.0,
+        "lost_probes": m.lost_probes,
     }
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 BASELINE_VERSION = 1
 TRAIN_ANCHOR_TOKENS = 64  # longer anchor answers cost training time without adding much signal
 EVAL_ANCHOR_TOKENS = 48
-PROBE_TOKENS = 32
+PROBE_TOKENS = 64  # the base often states the answer after a preamble; 32 tokens cut some off
 
 
 class Probe(BaseModel):

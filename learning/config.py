@@ -17,7 +17,11 @@ class AdapterSettings(BaseModel):
     rank: int = Field(default=16, ge=1, le=256)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt, or 'all-linear'. The MLP default learnt facts as fast as all-linear "
+        "with less general drift and fewer adapter ops (bench/continual.py).",
+    )
     use_rslora: bool = Field(default=False, description="Scale by alpha/sqrt(rank) instead of alpha/rank.")
 
 
@@ -28,7 +32,7 @@ class TrainSettings(BaseModel):
 
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     learning_rate: float = Field(default=1e-3, gt=0)
-    max_epochs: int = Field(default=12, ge=1, le=1000)
+    max_epochs: int = Field(default=16, ge=1, le=1000)
     min_epochs: int = Field(default=1, ge=1, le=1000, description="Epochs before early stopping may trigger.")
     batch_size: int = Field(default=8, ge=1, le=512)
     max_seq_len: int = Field(default=256, ge=16, le=32768)
@@ -36,16 +40,23 @@ class TrainSettings(BaseModel):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a share of the peak lr.")
     grad_clip: float = Field(default=1.0, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    replay_ratio: float = Field(default=0.5, ge=0, le=16, description="Replay items per new item.")
+    replay_ratio: float = Field(default=1.0, ge=0, le=16, description="Replay items per new item.")
     replay_strategy: ReplayStrategy = "uniform"
     replay_alpha: float = Field(default=0.6, ge=0, le=4, description="Priority exponent for prioritized replay.")
     replay_buffer_size: int = Field(default=512, ge=1, description="Reservoir capacity for reservoir replay.")
-    anchor_ratio: float = Field(default=0.5, ge=0, le=16, description="Anchor items per new item.")
+    anchor_ratio: float = Field(default=1.0, ge=0, le=16, description="Anchor items per new item.")
+    anchor_neighbour_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share of each epoch's anchors chosen as the nearest to the new items (base-model prompt "
+        "embeddings); the rest are drawn uniformly.",
+    )
     ewc_lambda: float = Field(default=0.0, ge=0, description="EWC penalty weight; 0 disables it.")
     fisher_decay: float = Field(
         default=1.0, ge=0, le=1, description="Online EWC: weight of the previous Fisher when adding this run's."
     )
-    kl_weight: float = Field(default=0.0, ge=0, description="KL-to-base weight on anchors; 0 disables it.")
+    kl_weight: float = Field(default=1.0, ge=0, description="KL-to-base weight on anchors; 0 disables it.")
     kl_top_k: int = Field(default=20, ge=1, le=1024, description="Base tokens kept per position for the KL.")
     early_stop_em: float | None = Field(
         default=1.0, ge=0, le=1, description="Stop once new items reach this exact match; None disables."

@@ -22,7 +22,7 @@ import jsonschema
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from learning.anchors import EVAL_ANCHOR_TOKENS, Baseline, probe_results, reference_text
+from learning.anchors import EVAL_ANCHOR_TOKENS, Baseline, probe_results, probes, reference_text
 from learning.examples import Example
 from learning.formatting import encode_prompt
 from learning.generate import decode, generate_ids
@@ -31,8 +31,9 @@ from learning.scoring import contains, perplexity, token_f1
 
 log = logging.getLogger(__name__)
 
-# An eval-anchor answer "still matches" the base when its token F1 against the base answer is at least this.
-ANCHOR_MATCH_F1 = 0.8
+# An eval-anchor answer "still matches" the base when its token F1 against the base answer is at least this:
+# half the words in common. Greedy continuations diverge after any small change, so exact match is too strict.
+ANCHOR_MATCH_F1 = 0.5
 GENERATION_BATCH = 32
 
 
@@ -125,8 +126,10 @@ def compute_metrics(
         m.schema_compliance = _mean([float(bool(s.schema_ok)) for s in scores])
     if baseline is not None:
         m.anchor_agreement = anchor_agreement(model, tokenizer, baseline)
-        _, correct = probe_results(model, tokenizer)
+        answers, correct = probe_results(model, tokenizer)
         base_right = [i for i, ok in enumerate(baseline.probe_correct) if ok]
+        items = probes()
+        m.lost_probes = [f"{items[i].prompt} -> {answers[i]}" for i in base_right if not correct[i]]
         m.general_kept = _mean([float(correct[i]) for i in base_right])
         m.probe_accuracy = _mean([float(c) for c in correct])
         m.base_probe_accuracy = _mean([float(c) for c in baseline.probe_correct])

@@ -65,6 +65,7 @@ class Bundle:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     baseline: Baseline
+    cache_dir: Path
 
 
 @dataclass
@@ -93,7 +94,7 @@ def load_bundle(base_model: str | None, models_dir: Path, cache_dir: Path, num_t
     model_dir = ensure_base_model(base_model, models_dir)
     model, tokenizer = load_base(model_dir)
     baseline = ensure_baseline(model, tokenizer, model_dir, cache_dir)
-    return Bundle(model_dir=model_dir, model=model, tokenizer=tokenizer, baseline=baseline)
+    return Bundle(model_dir=model_dir, model=model, tokenizer=tokenizer, baseline=baseline, cache_dir=cache_dir)
 
 
 def _fisher_examples(new: Sequence[Example], pool: Sequence[Example], seed: int) -> list[Example]:
@@ -140,6 +141,8 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
 ) -> Candidate:
     """Train one run on top of `previous_version` (a version directory) or a fresh adapter."""
+    if settings.num_threads is not None:
+        setup_threads(settings.num_threads)
     model = lora.attach(bundle.model, settings.adapter, previous_version, seed=settings.seed)
     previous_fisher: dict[str, torch.Tensor] | None = None
     if previous_version is not None and (previous_version / FISHER_FILE).is_file():
@@ -160,8 +163,10 @@ def run_training(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         should_stop=should_stop,
+        kl_cache_dir=bundle.cache_dir / "kl" / bundle.baseline.fingerprint,
     )
-    fisher = None
+    # Without EWC this run adds no Fisher, but the accumulated one is carried to the next version.
+    fisher = previous_fisher
     if outcome.stopped != "interrupted" and settings.ewc_lambda > 0:
         if progress is not None:
             progress(

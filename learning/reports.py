@@ -73,6 +73,7 @@ class Metrics(BaseModel):
     general_kept: float | None = None
     probe_accuracy: float | None = None
     base_probe_accuracy: float | None = None
+    lost_probes: list[str] = []
     ppl: float | None = None
     base_ppl: float | None = None
     ppl_ratio: float | None = None

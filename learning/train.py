@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from learning import checkpoint, ewc, lora, replay
@@ -33,7 +35,16 @@ from learning.batching import Batch, bucket_batches, collate
 from learning.config import TrainSettings
 from learning.examples import Example
 from learning.formatting import Encoded, encode_example
-from learning.losses import hidden_states, per_row_mean, selected_logits, target_mask, token_ce, topk_kl, topk_logprobs
+from learning.losses import (
+    decoder_and_head,
+    hidden_states,
+    per_row_mean,
+    selected_logits,
+    target_mask,
+    token_ce,
+    topk_kl,
+    topk_logprobs,
+)
 from learning.reports import Phase, Progress, StopReason, TrainOutcome
 
 log = logging.getLogger(__name__)
@@ -117,10 +128,13 @@ class _Run:
         pool: Sequence[Example],
         anchors: Sequence[Anchor],
         settings: TrainSettings,
+        kl_cache_dir: Path | None = None,
     ) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.kl_cache_dir = kl_cache_dir
         self.new, self.pool, self.anchors = list(new), list(pool), list(anchors)
         self.items: dict[str, _Item] = {}
+        self._near: list[int] | None = None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id: int = int(pad)
         n_new = len(self.new)
@@ -152,11 +166,29 @@ class _Run:
         self.items[key] = it
         return it
 
-    @torch.no_grad()
     def base_topk(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base model's top-k next-token distribution at every position of one sequence.
+        """The base model's top-k next-token distribution at every position, cached on disk when allowed."""
+        k = self.settings.kl_top_k
+        if self.kl_cache_dir is None:
+            return self._base_topk(enc, k)
+        digest = hashlib.sha256(f"{k}:{enc.input_ids}".encode()).hexdigest()[:24]
+        path = self.kl_cache_dir / f"{digest}.safetensors"
+        if path.is_file():
+            try:
+                cached = load_file(str(path))
+                return cached["ids"], cached["logprobs"]
+            except (OSError, RuntimeError, KeyError):
+                log.warning("recomputing unreadable KL targets %s", path)
+        ids, logprobs = self._base_topk(enc, k)
+        self.kl_cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"ids": ids.contiguous(), "logprobs": logprobs.contiguous()}, str(tmp))
+        tmp.replace(path)
+        return ids, logprobs
 
-        Computed one sequence at a time (no padding) so the numbers never depend on batch composition,
+    @torch.no_grad()
+    def _base_topk(self, enc: Encoded, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Computed one sequence at a time (no padding) so the numbers never depend on batch composition,
         which keeps a resumed run identical to an uninterrupted one.
         """
         ids = torch.tensor([enc.input_ids])
@@ -169,7 +201,7 @@ class _Run:
                 logits = selected_logits(self.model, hidden, torch.ones(1, ids.shape[1] - 1, dtype=torch.bool))
         finally:
             self.model.train(was_training)
-        return topk_logprobs(logits, self.settings.kl_top_k)
+        return topk_logprobs(logits, k)
 
     def plan_epoch(self, epoch: int) -> list[list[str]]:
         """The epoch's batches as item keys: all new items, a replay sample and an anchor sample."""
@@ -189,9 +221,32 @@ class _Run:
             )
             keys += [f"replay:{index[id(e)]}" for e in chosen]
         if self.k_anchor:
-            keys += [f"anchor:{i}" for i in rng.sample(range(len(self.anchors)), self.k_anchor)]
+            near = self.near_anchors()[: round(s.anchor_neighbour_share * self.k_anchor)]
+            rest = [i for i in range(len(self.anchors)) if i not in set(near)]
+            picked = near + rng.sample(rest, self.k_anchor - len(near))
+            keys += [f"anchor:{i}" for i in picked]
         lengths = [len(self.item(k).encoded) for k in keys]
         return [[keys[i] for i in b] for b in bucket_batches(lengths, s.batch_size, rng)]
+
+    def near_anchors(self) -> list[int]:
+        """Anchor indices, nearest to the new items first, taken round-robin over the new items.
+
+        The general knowledge most at risk is the kind that looks like what is being taught (a made-up
+        "capital of X" disturbs real capitals), so those anchors are kept in every epoch.
+        """
+        if self._near is None:
+            new = prompt_embeddings(self.model, self.tokenizer, [e.prompt for e in self.new])
+            anchors = prompt_embeddings(self.model, self.tokenizer, [a.example.prompt for a in self.anchors])
+            rankings = (new @ anchors.T).argsort(dim=1, descending=True).tolist()
+            order: list[int] = []
+            seen: set[int] = set()
+            for depth in range(len(self.anchors)):
+                for ranking in rankings:
+                    if ranking[depth] not in seen:
+                        seen.add(ranking[depth])
+                        order.append(ranking[depth])
+            self._near = order
+        return self._near
 
     def batch(self, keys: Sequence[str]) -> tuple[Batch, list[_Item]]:
         items = [self.item(k) for k in keys]
@@ -245,6 +300,27 @@ class _Run:
         return matched / max(len(self.new), 1), losses
 
 
+@torch.no_grad()
+def prompt_embeddings(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torch.Tensor:
+    """Unit-norm mean of the base model's middle-layer states over each raw prompt (adapter disabled).
+
+    One prompt at a time, so the result never depends on batching (resume stays exact).
+    """
+    decoder, _ = decoder_and_head(model)
+    was_training = model.training
+    model.train(False)
+    out = []
+    try:
+        with model.disable_adapter():
+            for prompt in prompts:
+                ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] or [0]])
+                states = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+                out.append(states[len(states) // 2][0].mean(0))
+    finally:
+        model.train(was_training)
+    return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+
 def _trainer_state(
     run_id: str, state: _State, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
 ) -> dict[str, Any]:
@@ -269,16 +345,18 @@ def train(
     checkpoint_dir: Path | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    kl_cache_dir: Path | None = None,
 ) -> TrainOutcome:
     """Train the model's adapter in place on `new`, mixing in replay and anchors; see the module docstring.
 
     `model` must already carry the adapter to train (fresh or the previous version's). When
     `checkpoint_dir` holds a checkpoint written by a run with the same inputs, training resumes there.
+    `kl_cache_dir` (one per base model) keeps the base model's KL targets for anchors between runs.
     """
     if not new:
         raise ValueError("nothing to train: no new examples")
     s = settings
-    run = _Run(model, tokenizer, new, replay_pool, anchors, s)
+    run = _Run(model, tokenizer, new, replay_pool, anchors, s, kl_cache_dir)
     total_steps = s.max_epochs * run.batches_per_epoch
     params = lora.trainable_params(model)
     optimizer = make_optimizer(list(params.values()), s)

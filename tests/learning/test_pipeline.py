@@ -18,7 +18,7 @@ from learning.pipeline import (
 from tests.learning.conftest import facts
 
 SETTINGS = TrainSettings(
-    adapter=AdapterSettings(rank=8, alpha=16),
+    adapter=AdapterSettings(rank=8, alpha=16, target_modules="all-linear"),
     learning_rate=1e-2,
     max_epochs=30,
     batch_size=4,

@@ -280,3 +280,16 @@ def test_kl_targets_are_cached_on_disk_and_give_the_same_run(
     assert second.final_loss == first.final_loss
     a, b = lora.adapter_state(first_model), lora.adapter_state(second_model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_anchors_nearest_to_the_new_items_come_first_in_every_epoch(tokenizer: PreTrainedTokenizerFast) -> None:
+    new = facts(2)
+    pool = anchors(6)
+    # Anchor 4 asks exactly what new item 0 asks: it must be the nearest.
+    pool[4] = Anchor(example=Example(id="anchor:4", prompt=new[0].prompt, response="base answer"), finished=True)
+    run = _Run(fresh(tokenizer), tokenizer, new, [], pool, settings(anchor_ratio=1.0, anchor_neighbour_share=0.5))
+    order = run.near_anchors()
+    assert sorted(order) == list(range(6)) and order[0] == 4
+    for epoch in range(3):
+        keys = [k for b in run.plan_epoch(epoch) for k in b if k.startswith("anchor:")]
+        assert "anchor:4" in keys and len(keys) == 2
