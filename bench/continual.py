@@ -36,14 +36,22 @@ log = logging.getLogger("bench.continual")
 DATA = Path(__file__).parent / "data" / "facts.json"
 RESULTS = Path(__file__).parent / "results" / "continual.json"
 
-# Overrides of TrainSettings() per strategy. "default" is TrainSettings() itself.
-PROTECTION_OFF: dict[str, Any] = {"replay_ratio": 0.0, "anchor_ratio": 0.0, "kl_weight": 0.0, "ewc_lambda": 0.0}
+# Overrides of TrainSettings() per strategy; everything else (adapter, lr, epochs, early stopping) is the
+# default's, so each row adds one lever. "default" is TrainSettings() itself.
+PROTECTION_OFF: dict[str, Any] = {
+    "replay_ratio": 0.0,
+    "anchor_ratio": 0.0,
+    "anchor_neighbour_share": 0.0,
+    "kl_weight": 0.0,
+    "ewc_lambda": 0.0,
+}
+REPLAY_ANCHORS: dict[str, Any] = {**PROTECTION_OFF, "replay_ratio": 1.0, "anchor_ratio": 1.0}
 STRATEGIES: dict[str, dict[str, Any]] = {
     "naive": PROTECTION_OFF,
     "replay": {**PROTECTION_OFF, "replay_ratio": 1.0},
-    "replay_anchors": {**PROTECTION_OFF, "replay_ratio": 1.0, "anchor_ratio": 1.0},
-    "replay_anchors_ewc": {**PROTECTION_OFF, "replay_ratio": 1.0, "anchor_ratio": 1.0, "ewc_lambda": 0.05},
-    "replay_anchors_kl": {**PROTECTION_OFF, "replay_ratio": 1.0, "anchor_ratio": 1.0, "kl_weight": 1.0},
+    "replay_anchors": REPLAY_ANCHORS,
+    "replay_anchors_ewc": {**REPLAY_ANCHORS, "ewc_lambda": 0.05},
+    "replay_anchors_kl": {**REPLAY_ANCHORS, "kl_weight": 1.0},
     "default": {},
 }
 

@@ -52,6 +52,11 @@ class TrainSettings(BaseModel):
         description="Share of each epoch's anchors chosen as the nearest to the new items (base-model prompt "
         "embeddings); the rest are drawn uniformly.",
     )
+    neighbour_anchors: bool = Field(
+        default=True,
+        description="Also keep the base answer (CE + KL) to each new prompt with its novel words removed, "
+        "so new answers bind to their new subjects (learning/neighbours.py).",
+    )
     ewc_lambda: float = Field(default=0.0, ge=0, description="EWC penalty weight; 0 disables it.")
     fisher_decay: float = Field(
         default=1.0, ge=0, le=1, description="Online EWC: weight of the previous Fisher when adding this run's."

@@ -45,6 +45,7 @@ from learning.losses import (
     topk_kl,
     topk_logprobs,
 )
+from learning.neighbours import neighbour_anchors
 from learning.reports import Phase, Progress, StopReason, TrainOutcome
 
 log = logging.getLogger(__name__)
@@ -135,20 +136,20 @@ class _Run:
         self.new, self.pool, self.anchors = list(new), list(pool), list(anchors)
         self.items: dict[str, _Item] = {}
         self._near: list[int] | None = None
+        self._neighbours: list[Anchor] | None = None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id: int = int(pad)
         n_new = len(self.new)
         self.k_replay = replay.replay_count(n_new, settings.replay_ratio, len(self.pool))
         self.k_anchor = min(len(self.anchors), round(settings.anchor_ratio * n_new))
-        self.batches_per_epoch = math.ceil((n_new + self.k_replay + self.k_anchor) / settings.batch_size)
 
     def item(self, key: str) -> _Item:
-        """Encode on first use; keys are 'new:<id>', 'replay:<id>', 'anchor:<index>'."""
+        """Encode on first use; keys are 'new:<i>', 'replay:<i>', 'anchor:<i>', 'neighbour:<i>' (list indices)."""
         if key in self.items:
             return self.items[key]
         kind, _, ref = key.partition(":")
-        if kind == "anchor":
-            anchor = self.anchors[int(ref)]
+        if kind in ("anchor", "neighbour"):
+            anchor = self.anchors[int(ref)] if kind == "anchor" else self.neighbours()[int(ref)]
             enc = encode_example(
                 self.tokenizer, anchor.example, self.settings.max_seq_len, end_with_eos=anchor.finished
             )
@@ -204,7 +205,7 @@ class _Run:
         return topk_logprobs(logits, k)
 
     def plan_epoch(self, epoch: int) -> list[list[str]]:
-        """The epoch's batches as item keys: all new items, a replay sample and an anchor sample."""
+        """The epoch's batches as item keys: all new items and their neighbours, a replay and an anchor sample."""
         s = self.settings
         rng = random.Random(f"{s.seed}:{epoch}")
         keys = [f"new:{i}" for i in range(len(self.new))]
@@ -220,6 +221,7 @@ class _Run:
                 seed=s.seed,
             )
             keys += [f"replay:{index[id(e)]}" for e in chosen]
+        keys += [f"neighbour:{i}" for i in range(len(self.neighbours()))]
         if self.k_anchor:
             near = self.near_anchors()[: round(s.anchor_neighbour_share * self.k_anchor)]
             rest = [i for i in range(len(self.anchors)) if i not in set(near)]
@@ -227,6 +229,18 @@ class _Run:
             keys += [f"anchor:{i}" for i in picked]
         lengths = [len(self.item(k).encoded) for k in keys]
         return [[keys[i] for i in b] for b in bucket_batches(lengths, s.batch_size, rng)]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        items = len(self.new) + self.k_replay + self.k_anchor + len(self.neighbours())
+        return math.ceil(items / self.settings.batch_size)
+
+    def neighbours(self) -> list[Anchor]:
+        """The new prompts with their novel words removed, answered by the base (see learning.neighbours)."""
+        if self._neighbours is None:
+            use = self.settings.neighbour_anchors and (self.settings.anchor_ratio > 0 or self.settings.kl_weight > 0)
+            self._neighbours = neighbour_anchors(self.model, self.tokenizer, self.new) if use else []
+        return self._neighbours
 
     def near_anchors(self) -> list[int]:
         """Anchor indices, nearest to the new items first, taken round-robin over the new items.

@@ -63,3 +63,34 @@ def test_topk_kl_is_zero_against_itself_and_positive_otherwise() -> None:
         torch.log_softmax(other, -1), torch.log_softmax(base, -1), log_target=True, reduction="none"
     ).sum(-1)
     torch.testing.assert_close(topk_kl(other, ids_all, lp_all), exact, rtol=1e-3, atol=1e-4)
+
+
+def test_shared_prefix_gives_the_same_states_and_gradients(tokenizer: PreTrainedTokenizerFast) -> None:
+    from learning import lora
+    from learning.config import AdapterSettings
+    from learning.losses import common_prefix_length
+    from tests.learning.conftest import make_model
+
+    items = [encode_example(tokenizer, Example(id=str(i), prompt="q" * (i + 1), response="ans " * (i + 1)), 128)
+             for i in range(3)]  # fmt: skip
+    b = collate(items, range(3), tokenizer.pad_token_id)
+    assert common_prefix_length(b.input_ids, b.attention_mask) >= 20  # template + default system prompt
+    results = []
+    for share in (False, True):
+        model = lora.attach_new(make_model(tokenizer), AdapterSettings(rank=4, alpha=8, target_modules="all-linear"))
+        with torch.no_grad():
+            for p in lora.trainable_params(model).values():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        mask = target_mask(b.labels)
+        hidden = hidden_states(model, b.input_ids, b.attention_mask, share_prefix=share)
+        loss = token_ce(selected_logits(model, hidden, mask), b.labels[:, 1:][mask]).mean()
+        torch.autograd.backward(loss)
+        grads = {k: p.grad.clone() for k, p in lora.trainable_params(model).items() if p.grad is not None}
+        results.append((hidden.detach(), float(loss), grads))
+    (h0, l0, g0), (h1, l1, g1) = results
+    real = b.attention_mask.bool()
+    torch.testing.assert_close(h1[real], h0[real], rtol=1e-4, atol=1e-5)
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-3, atol=1e-6, msg=k)

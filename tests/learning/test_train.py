@@ -27,6 +27,7 @@ def settings(**overrides: object) -> TrainSettings:
         replay_ratio=0.5,
         anchor_ratio=0.5,
         checkpoint_every=1000,
+        neighbour_anchors=False,
     )
     base.update(overrides)
     return TrainSettings.model_validate(base)
