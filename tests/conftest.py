@@ -105,3 +105,13 @@ def tiny_env(home: Path, tiny_base: tuple[Path, Path], monkeypatch: pytest.Monke
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def real_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Model and baseline caches shared by every slow test of a session (ENGRAIN_SLOW_CACHE keeps them)."""
+    kept = os.environ.get("ENGRAIN_SLOW_CACHE")
+    root = Path(kept) if kept else tmp_path_factory.mktemp("real-caches")
+    for name in ("models", "cache"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    return root

@@ -47,16 +47,6 @@ FACTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def real_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Model and baseline caches shared by every slow test of a session (ENGRAIN_SLOW_CACHE keeps them)."""
-    kept = os.environ.get("ENGRAIN_SLOW_CACHE")
-    root = Path(kept) if kept else tmp_path_factory.mktemp("real-caches")
-    for name in ("models", "cache"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    return root
-
-
 @pytest.fixture
 def real_home(home: Path, real_caches: Path) -> Iterator[dict[str, str]]:
     home.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ SETTINGS = TrainSettings(
     anchor_ratio=0.5,
     kl_weight=0.5,
     ewc_lambda=0.1,
-    num_threads=1,
 )
 SCHEMA = {"type": "object", "required": ["answer"]}
 

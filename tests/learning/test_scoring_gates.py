@@ -40,7 +40,7 @@ def full_metrics(**overrides: float | None) -> Metrics:
 
 
 def test_all_gates_pass_with_margins() -> None:
-    report = apply_gates(full_metrics(), GateThresholds(min_paraphrase_em=0.5))
+    report = apply_gates(full_metrics(), GateThresholds(min_paraphrase_em=0.5, max_ppl_ratio=1.25))
     assert report.passed and report.failing == []
     ppl = next(g for g in report.gates if g.name == "perplexity")
     assert ppl.comparison == "<=" and ppl.margin == pytest.approx(1.25 - 1.05)

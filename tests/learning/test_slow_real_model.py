@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from learning import lora
 from learning.config import TrainSettings
@@ -40,18 +41,27 @@ FACTS = [
 
 
 @pytest.fixture(scope="module")
-def real_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def real_model_dir(real_caches: Path) -> Path:
     setup_threads()
-    return ensure_base_model(None, tmp_path_factory.mktemp("models"))
+    return ensure_base_model(None, real_caches / "models")
 
 
-def test_embedded_model_is_cached_once_and_reloads_fast(real_model_dir: Path) -> None:
+def test_embedded_model_is_cached_once_and_reloads_from_safetensors(
+    real_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[tuple[str, dict[str, Any]]] = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(path: str, *args: Any, **kwargs: Any) -> Any:
+        loads.append((path, kwargs))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     assert ensure_base_model(None, real_model_dir.parent) == real_model_dir
+    assert loads == [], "a cached model must not be dequantised again"
     assert list(real_model_dir.glob("*.safetensors"))
-    started = time.perf_counter()
     model, tokenizer = load_base(real_model_dir)
-    # The notes measured 0.2-0.9 s; a generous bound still catches a fallback to the 30 s GGUF path.
-    assert time.perf_counter() - started < 10
+    assert [(p, "gguf_file" in kw) for p, kw in loads] == [(str(real_model_dir), False)]
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     answer = generate(model, tokenizer, ["What is the capital of France?"], max_new_tokens=16)[0]
     assert contains(answer, "Paris")
