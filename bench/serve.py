@@ -32,8 +32,10 @@ import anyio
 import httpx
 import torch
 from mcp import Client
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 
+from learning import lora
+from learning.config import AdapterSettings
 from learning.formatting import encode_prompt
 from learning.generate import generate_ids
 from learning.model_loading import ensure_base_model, load_base, setup_threads
@@ -69,10 +71,11 @@ def _median_rate(fn: Any, reps: int) -> tuple[float, int]:
 
 
 def make_version(settings: Settings, kernel: str, version: int, model_dir: Path, seed: int) -> Path:
-    """A random adapter shaped like the default kernel's (all-linear, r=16), installed as a version."""
+    """A random adapter shaped like a default kernel's, installed as a version."""
     base, _ = load_base(model_dir)
     torch.manual_seed(seed)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    config = lora.lora_config(AdapterSettings())
+    config.init_lora_weights = False
     peft_model = get_peft_model(base, config)
     with torch.no_grad():  # small weights, so answers stay fluent
         for name, p in peft_model.named_parameters():

@@ -79,9 +79,9 @@ def run_ours(model_dir: Path, data: list[Example], settings: TrainSettings, epoc
     """Our loop: response-only logits, length bucketing, fused AdamW."""
     base, tokenizer = load_base(model_dir)
     model = lora.attach_new(base, settings.adapter, seed=0)
-    s = settings.model_copy(
-        update={"max_epochs": epochs, "early_stop_em": None, "replay_ratio": 0.0, "anchor_ratio": 0.0}
-    )
+    # Plain SFT, as TRL does it: no replay, anchors, KL or EWC terms, no early stopping.
+    plain = {"replay_ratio": 0.0, "anchor_ratio": 0.0, "kl_weight": 0.0, "ewc_lambda": 0.0, "neighbour_anchors": False}
+    s = settings.model_copy(update={"max_epochs": epochs, "early_stop_em": None, **plain})
     out = train(model, tokenizer, data, [], [], s)
     lengths = [len(encode_example(tokenizer, e, s.max_seq_len)) for e in data]
     pad = padding_fraction(lengths, bucket_batches(lengths, s.batch_size, random.Random(0)))
