@@ -20,6 +20,15 @@ class Batch:
     labels: torch.Tensor
     rows: list[int]
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch with its tensors on `device` (collate builds them on the CPU)."""
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            labels=self.labels.to(device),
+            rows=self.rows,
+        )
+
     @property
     def n_tokens(self) -> int:
         """Real (non-padding) tokens in the batch."""
@@ -27,7 +36,10 @@ class Batch:
 
 
 def collate(items: Sequence[Encoded], rows: Sequence[int], pad_id: int) -> Batch:
-    """Pad on the right to the longest item; right padding keeps position ids equal to token indices."""
+    """Pad on the right to the longest item; right padding keeps position ids equal to token indices.
+
+    The tensors are on the CPU; `Batch.to` moves them to the model's device.
+    """
     width = max(len(e) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)

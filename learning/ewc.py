@@ -65,11 +65,11 @@ def penalty(
 
 
 def save_fisher(path: Path, fisher: Mapping[str, torch.Tensor]) -> None:
-    """Write a Fisher (or any name → tensor map) as safetensors."""
-    save_file({k: v.detach().contiguous() for k, v in fisher.items()}, str(path))
+    """Write a Fisher (or any name → tensor map) as safetensors, from the CPU so any machine can read it."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in fisher.items()}, str(path))
 
 
-def load_fisher(path: Path) -> dict[str, torch.Tensor]:
-    """Read a map written by `save_fisher`."""
-    loaded: dict[str, torch.Tensor] = load_file(str(path))
+def load_fisher(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a map written by `save_fisher`, onto `device` (the adapter's, for the penalty)."""
+    loaded: dict[str, torch.Tensor] = load_file(str(path), device=str(device))
     return loaded

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from learning.formatting import encode_prompt
+from learning.model_loading import model_device
 
 
 @torch.inference_mode()
@@ -30,6 +31,7 @@ def generate_ids(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -43,8 +45,8 @@ def generate_ids(
                 ids[row, width - n :] = torch.tensor(list(prompts[i]))
                 mask[row, width - n :] = 1
             generated = cast(Any, model).generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from learning.config import AdapterSettings
 from learning.fsutil import atomic_dir
+from learning.model_loading import model_device
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ def attach_new(model: PreTrainedModel, settings: AdapterSettings, seed: int = 0)
 def attach_saved(model: PreTrainedModel, adapter_dir: Path, *, trainable: bool = True) -> PeftModel:
     """Wrap the base in a saved adapter, to continue training it (cumulative learning) or to serve it."""
     peft_model: PeftModel = PeftModel.from_pretrained(
-        model, str(adapter_dir), adapter_name=ADAPTER_NAME, is_trainable=trainable
+        model,
+        str(adapter_dir),
+        adapter_name=ADAPTER_NAME,
+        is_trainable=trainable,
+        torch_device=str(model_device(model)),
     )
     return peft_model
 

@@ -74,8 +74,8 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def per_row_mean(values: torch.Tensor, row_of: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Mean of `values` [N] grouped by `row_of` [N]; rows with no values get 0."""
-    sums = torch.zeros(n_rows, dtype=values.dtype).index_add(0, row_of, values)
-    counts = torch.zeros(n_rows, dtype=values.dtype).index_add(0, row_of, torch.ones_like(values))
+    sums = values.new_zeros(n_rows).index_add(0, row_of, values)
+    counts = values.new_zeros(n_rows).index_add(0, row_of, torch.ones_like(values))
     return sums / counts.clamp(min=1)
 
 

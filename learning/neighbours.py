@@ -22,6 +22,7 @@ from learning.examples import Example
 from learning.formatting import encode_prompt
 from learning.generate import decode, finished, generate_ids
 from learning.losses import decoder_and_head
+from learning.model_loading import model_device
 
 _WORD = re.compile(r"[\w'\u2019-]+")
 # Words scoring at least this share of the most surprising word are removed with it.
@@ -37,10 +38,11 @@ def word_surprisals(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: 
     if len(ids) < 2 or not words:
         return words
     decoder, head = decoder_and_head(model)
+    tokens = torch.tensor([ids], device=model_device(model))
     with torch.no_grad():
-        hidden = decoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0, :-1]
+        hidden = decoder(input_ids=tokens, use_cache=False).last_hidden_state[0, :-1]
         logp = torch.log_softmax(head(hidden), dim=-1)
-        token_nll = (-logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1))).squeeze(-1).tolist()
+        token_nll = (-logp.gather(-1, tokens[0, 1:].unsqueeze(-1))).squeeze(-1).tolist()
     scores = [0.0] * len(words)
     for (start, end), nll in zip(offsets[1:], token_nll, strict=True):
         for w, (ws, we, _) in enumerate(words):

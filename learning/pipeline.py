@@ -2,9 +2,10 @@
 
 Contract, in the order a worker uses it:
 
-1. `bundle = load_bundle(base_model, models_dir, cache_dir)`: resolves the base model (None = the
-   embedded SmolLM2, dequantised and cached once under `models_dir`; otherwise a local Hugging Face
-   directory, never a hub id), loads it frozen in fp32, and loads or computes the base baseline (anchor
+1. `bundle = load_bundle(base_model, models_dir, cache_dir, device=...)`: resolves the base model
+   (None = the embedded SmolLM2, dequantised and cached once under `models_dir`; otherwise a local
+   Hugging Face directory, never a hub id), loads it frozen in fp32 on `device` (cpu, cuda or auto;
+   everything later runs where the model is), and loads or computes the base baseline (anchor
    answers, probe answers, reference perplexity), cached under `cache_dir`. About 1 s when cached;
    the first call for a base model takes about 2 minutes on 2 cores.
 2. `candidate = run_training(bundle, new, replay_pool, settings, previous_version=..., checkpoint_dir=...,
@@ -47,7 +48,7 @@ from learning.fsutil import atomic_dir
 from learning.gates import GateReport, apply_gates
 from learning.losses import hidden_states, per_row_mean, selected_logits, target_mask, token_ce
 from learning.metrics import compute_metrics
-from learning.model_loading import ensure_base_model, load_base, setup_threads
+from learning.model_loading import ensure_base_model, load_base, model_device, setup_threads
 from learning.reports import Metrics, Progress, TrainOutcome
 from learning.train import EwcTerm, train
 
@@ -88,11 +89,20 @@ class EvalReport(BaseModel):
     outcome: TrainOutcome | None = None
 
 
-def load_bundle(base_model: str | None, models_dir: Path, cache_dir: Path, num_threads: int | None = None) -> Bundle:
-    """Resolve, load and baseline the base model (see the module docstring)."""
+def load_bundle(
+    base_model: str | None,
+    models_dir: Path,
+    cache_dir: Path,
+    num_threads: int | None = None,
+    device: str = "cpu",
+) -> Bundle:
+    """Resolve, load and baseline the base model on `device` ("cpu", "cuda" or "auto"; see the module docstring).
+
+    Everything trained and evaluated on the bundle then runs on the model's device.
+    """
     setup_threads(num_threads)
     model_dir = ensure_base_model(base_model, models_dir)
-    model, tokenizer = load_base(model_dir)
+    model, tokenizer = load_base(model_dir, device)
     baseline = ensure_baseline(model, tokenizer, model_dir, cache_dir)
     return Bundle(model_dir=model_dir, model=model, tokenizer=tokenizer, baseline=baseline, cache_dir=cache_dir)
 
@@ -109,15 +119,16 @@ def compute_fisher(
     """Diagonal empirical Fisher of the adapter on `examples` (response-token loss, one example at a time)."""
     params = lora.trainable_params(model)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    device = model_device(model)
 
     def loss_of(example: Example) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
-            batch = collate([encode_example(tokenizer, example, max_seq_len)], [0], pad)
+            batch = collate([encode_example(tokenizer, example, max_seq_len)], [0], pad).to(device)
             mask = target_mask(batch.labels)
             hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
             logits = selected_logits(model, hidden, mask)
             ce = token_ce(logits, batch.labels[:, 1:][mask])
-            return per_row_mean(ce, torch.zeros(len(ce), dtype=torch.long), 1)[0]
+            return per_row_mean(ce, torch.zeros(len(ce), dtype=torch.long, device=device), 1)[0]
 
         return fn
 
@@ -144,7 +155,7 @@ def run_training(
     model = lora.attach(bundle.model, settings.adapter, previous_version, seed=settings.seed)
     previous_fisher: dict[str, torch.Tensor] | None = None
     if previous_version is not None and (previous_version / FISHER_FILE).is_file():
-        previous_fisher = ewc.load_fisher(previous_version / FISHER_FILE)
+        previous_fisher = ewc.load_fisher(previous_version / FISHER_FILE, model_device(model))
     ewc_term = None
     if settings.ewc_lambda > 0 and previous_fisher is not None:
         start = {k: p.detach().clone() for k, p in lora.trainable_params(model).items()}

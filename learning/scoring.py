@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from learning.losses import decoder_and_head
+from learning.model_loading import model_device
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -54,12 +55,13 @@ def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, 
     """Perplexity of plain `text` in non-overlapping windows (the first token of each window is context)."""
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     decoder, head = decoder_and_head(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start : start + window + 1]])
+            chunk = torch.tensor([ids[start : start + window + 1]], device=device)
             if chunk.shape[1] < 2:
                 break
             hidden = decoder(input_ids=chunk[:, :-1], use_cache=False).last_hidden_state

@@ -45,6 +45,7 @@ from learning.losses import (
     topk_kl,
     topk_logprobs,
 )
+from learning.model_loading import model_device
 from learning.neighbours import neighbour_anchors
 from learning.reports import Phase, Progress, StopReason, TrainOutcome
 
@@ -67,7 +68,7 @@ class _Item:
     id: str
     kind: ItemKind
     encoded: Encoded
-    kl: tuple[torch.Tensor, torch.Tensor] | None = None  # base top-k (ids, logprobs) per position
+    kl: tuple[torch.Tensor, torch.Tensor] | None = None  # base top-k (ids, logprobs) per position, on the CPU
 
 
 @dataclass
@@ -101,7 +102,7 @@ def lr_lambda(settings: TrainSettings, total_steps: int) -> Callable[[int], floa
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW with the fused CPU kernel (one pass over all adapter tensors per step)."""
+    """AdamW with the fused kernel (one pass over all adapter tensors per step, on the CPU or a GPU)."""
     return torch.optim.AdamW(
         params, lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.999), fused=True
     )
@@ -132,6 +133,7 @@ class _Run:
         kl_cache_dir: Path | None = None,
     ) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.device = model_device(model)
         self.kl_cache_dir = kl_cache_dir
         self.new, self.pool, self.anchors = list(new), list(pool), list(anchors)
         self.items: dict[str, _Item] = {}
@@ -192,17 +194,19 @@ class _Run:
         """Computed one sequence at a time (no padding) so the numbers never depend on batch composition,
         which keeps a resumed run identical to an uninterrupted one.
         """
-        ids = torch.tensor([enc.input_ids])
+        ids = torch.tensor([enc.input_ids], device=self.device)
         mask = torch.ones_like(ids)
         was_training = self.model.training
         self.model.eval()
         try:
             with self.model.disable_adapter():
                 hidden = hidden_states(self.model, ids, mask)
-                logits = selected_logits(self.model, hidden, torch.ones(1, ids.shape[1] - 1, dtype=torch.bool))
+                select = torch.ones(1, ids.shape[1] - 1, dtype=torch.bool, device=self.device)
+                logits = selected_logits(self.model, hidden, select)
         finally:
             self.model.train(was_training)
-        return topk_logprobs(logits, k)
+        top_ids, top_logprobs = topk_logprobs(logits, k)
+        return top_ids.cpu(), top_logprobs.cpu()  # kept with the items for the whole run: off the GPU
 
     def plan_epoch(self, epoch: int) -> list[list[str]]:
         """The epoch's batches as item keys: all new items and their neighbours, a replay and an anchor sample."""
@@ -263,8 +267,9 @@ class _Run:
         return self._near
 
     def batch(self, keys: Sequence[str]) -> tuple[Batch, list[_Item]]:
+        """The items' batch, on the model's device."""
         items = [self.item(k) for k in keys]
-        return collate([it.encoded for it in items], range(len(items)), self.pad_id), items
+        return collate([it.encoded for it in items], range(len(items)), self.pad_id).to(self.device), items
 
     def losses(self, batch: Batch, items: Sequence[_Item]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-row mean response CE [B], and the mean KL to the base over anchor rows (None without KL)."""
@@ -277,15 +282,15 @@ class _Run:
         select = ce_mask | kl_mask
         hidden = hidden_states(self.model, batch.input_ids, batch.attention_mask)
         logits = selected_logits(self.model, hidden, select)
-        row_of = torch.arange(n).unsqueeze(1).expand_as(select)[select]
+        row_of = torch.arange(n, device=self.device).unsqueeze(1).expand_as(select)[select]
         is_ce = ce_mask[select]
         targets = batch.labels[:, 1:][select][is_ce]
         ce = per_row_mean(token_ce(logits[is_ce], targets), row_of[is_ce], n)
         if not kl_rows:
             return ce, None
         is_kl = kl_mask[select]
-        base_ids = torch.cat([items[r].kl[0] for r in kl_rows])  # type: ignore[index]
-        base_lp = torch.cat([items[r].kl[1] for r in kl_rows])  # type: ignore[index]
+        base_ids = torch.cat([items[r].kl[0] for r in kl_rows]).to(self.device)  # type: ignore[index]
+        base_lp = torch.cat([items[r].kl[1] for r in kl_rows]).to(self.device)  # type: ignore[index]
         kl = per_row_mean(topk_kl(logits[is_kl], base_ids, base_lp), row_of[is_kl], n)
         return ce, kl[kl_rows].mean()
 
@@ -303,7 +308,7 @@ class _Run:
                 hidden = hidden_states(self.model, batch.input_ids, batch.attention_mask)
                 logits = selected_logits(self.model, hidden, mask)
                 targets = batch.labels[:, 1:][mask]
-                row_of = torch.arange(len(items)).unsqueeze(1).expand_as(mask)[mask]
+                row_of = torch.arange(len(items), device=self.device).unsqueeze(1).expand_as(mask)[mask]
                 ce = per_row_mean(token_ce(logits, targets), row_of, len(items))
                 wrong = per_row_mean((logits.argmax(-1) != targets).float(), row_of, len(items))
                 for r, it in enumerate(items):
@@ -321,13 +326,14 @@ def prompt_embeddings(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prom
     One prompt at a time, so the result never depends on batching (resume stays exact).
     """
     decoder, _ = decoder_and_head(model)
+    device = model_device(model)
     was_training = model.training
     model.train(False)
     out = []
     try:
         with model.disable_adapter():
             for prompt in prompts:
-                ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] or [0]])
+                ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] or [0]], device=device)
                 states = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
                 out.append(states[len(states) // 2][0].mean(0))
     finally:

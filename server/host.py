@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import uvicorn
 from peft import PeftModel
 from peft.utils.hotswap import hotswap_adapter
@@ -40,7 +41,7 @@ from starlette.routing import Route
 
 from learning.formatting import encode_prompt, ensure_chat_template
 from learning.generate import decode, finished, generate_ids
-from learning.model_loading import ensure_base_model, load_base, setup_threads
+from learning.model_loading import ensure_base_model, load_base, model_device, setup_threads
 from server.host_api import ChatChoice, ChatMessage, ChatRequest, ChatResponse, Health, ModelCard, ModelList, Usage
 from train_worker.auth_token import load_or_create_token
 from train_worker.deploy import DeployError, KernelFiles
@@ -158,7 +159,7 @@ class Engine:
         started = time.perf_counter()
         self.status = "loading"
         model_dir = ensure_base_model(self.settings.base_model, self.layout.models)
-        self._base, self.tokenizer = load_base(model_dir)
+        self._base, self.tokenizer = load_base(model_dir, self.settings.device)
         ensure_chat_template(self.tokenizer)
         self._model = None
         self._resident.clear()
@@ -170,6 +171,8 @@ class Engine:
         self._base = None
         self._resident.clear()
         gc.collect()
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            torch.cuda.empty_cache()  # give the cached GPU memory back, for the training run
         self.status = "unloaded"
         log.info("unloaded the model to free memory for training")
 
@@ -190,12 +193,13 @@ class Engine:
         folder = str(KernelFiles(self.layout, kernel).version_dir(version))
         name = "k_" + kernel.replace("-", "_")  # one peft adapter per kernel; versions replace its weights
         started = time.perf_counter()
+        device = str(model_device(self._base))  # adapter weights load straight onto the base's device
         how = "hot-swapped"
         if resident is not None and self._model is not None:
             try:
                 # Same shape as the resident version (the usual case: a run continues the last one):
                 # copy the new weights into place, no new modules, no base reload.
-                hotswap_adapter(self._model, folder, adapter_name=name)
+                hotswap_adapter(self._model, folder, adapter_name=name, torch_device=device)
             except (RuntimeError, ValueError) as exc:
                 log.info("kernel %s: v%d cannot be hot-swapped (%s); loading it beside", kernel, version, exc)
                 self._drop(kernel)
@@ -203,9 +207,11 @@ class Engine:
         if resident is None:
             how = "loaded"
             if self._model is None:
-                self._model = PeftModel.from_pretrained(self._base, folder, adapter_name=name, is_trainable=False)
+                self._model = PeftModel.from_pretrained(
+                    self._base, folder, adapter_name=name, is_trainable=False, torch_device=device
+                )
             else:
-                self._model.load_adapter(folder, adapter_name=name, is_trainable=False)
+                self._model.load_adapter(folder, adapter_name=name, is_trainable=False, torch_device=device)
         self._resident[kernel] = (version, name)
         self.last_deploy_ms = (time.perf_counter() - started) * 1e3
         log.info("kernel %s now serves v%d (%s in %.0f ms)", kernel, version, how, self.last_deploy_ms)

@@ -73,6 +73,21 @@ def engine(tiny_env: dict[str, str]) -> Iterator[Engine]:
     engine.stop()
 
 
+def test_a_cuda_host_without_cuda_fails_to_load_and_logs_why(
+    tiny_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    caplog.set_level(logging.ERROR, logger="server.host")
+    engine = Engine(Settings(device="cuda"))
+    engine.start()
+    try:
+        assert engine.ready.wait(60)
+        assert engine.status == "failed"
+        assert "'cuda' was requested" in caplog.text and "ENGRAIN_DEVICE=cpu" in caplog.text
+    finally:
+        engine.stop()
+
+
 def ask(engine: Engine, kernel: str, prompts: list[str], tokens: int = 12) -> list[tuple[list[int], int | None]]:
     """Submit all prompts at once (so the engine batches them) and wait for every answer."""
     futures = [engine.submit(Job(kernel, encode_prompt(engine.tokenizer, p), tokens)) for p in prompts]

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     max_system_chars: int = Field(default=4000, ge=1)
     max_batch_items: int = Field(default=1000, ge=1)
     torch_threads: int | None = Field(default=None, ge=1, description="Unset: one per physical core.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu",
+        description="Where the worker trains and the host serves: cpu, cuda (an error when CUDA is not "
+        "available), or auto (cuda when torch.cuda.is_available(), else cpu). fp32 on either.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -243,7 +243,9 @@ class Worker:
                 message="first run on this base model: computing its baseline (anchor answers, probes, "
                 "reference perplexity) once, a few minutes on a CPU",
             )
-        bundle = load_bundle(base, self.layout.models, self.layout.cache, self.settings.torch_threads)
+        bundle = load_bundle(
+            base, self.layout.models, self.layout.cache, self.settings.torch_threads, self.settings.device
+        )
         # Continue from what serves now: a rollback since the request moved it.
         parent = files.current()
         previous = files.version_dir(parent) if parent is not None else None

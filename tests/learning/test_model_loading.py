@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from learning import model_loading
-from learning.model_loading import embedded_gguf_path, ensure_base_model, load_base
+from learning.model_loading import embedded_gguf_path, ensure_base_model, load_base, model_device, resolve_device
 
 
 def test_embedded_gguf_is_found_without_importing_the_package() -> None:
@@ -40,6 +40,46 @@ def test_load_base_is_frozen_fp32_eval_and_owns_its_memory(tiny_model_dir: Path)
     assert not model.training
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     assert tok.pad_token_id is not None and tok.padding_side == "left"
+
+
+def _cuda(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cuda(monkeypatch, False)
+    with pytest.raises(ValueError, match=r"'cuda' was requested.*is_available\(\) is False.*ENGRAIN_DEVICE=cpu"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_this_machine_without_cuda_refuses_cuda_and_auto_picks_the_cpu() -> None:
+    with pytest.raises(ValueError, match="ENGRAIN_DEVICE=cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_auto_follows_cuda_availability(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cuda(monkeypatch, True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+    _cuda(monkeypatch, False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_unknown_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected 'cpu', 'cuda' or 'auto'"):
+        resolve_device("tpu")
+
+
+def test_load_base_places_the_model_on_the_device(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+    model, _ = load_base(tiny_model_dir, device="cpu")
+    assert model_device(model) == torch.device("cpu")
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    _cuda(monkeypatch, False)
+    with pytest.raises(ValueError, match="ENGRAIN_DEVICE"):
+        load_base(tiny_model_dir, device="cuda")
 
 
 class _FakeAuto:

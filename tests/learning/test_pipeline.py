@@ -33,7 +33,7 @@ SCHEMA = {"type": "object", "required": ["answer"]}
 
 def test_two_versions_end_to_end(tiny_model_dir: Path, tiny_bundle_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     models, cache = tiny_bundle_dirs
-    bundle = load_bundle(str(tiny_model_dir), models, cache, num_threads=1)
+    bundle = load_bundle(str(tiny_model_dir), models, cache, num_threads=1, device="cpu")
     round1, round2 = facts(4, prefix="a"), facts(4, prefix="b")
 
     first = run_training(bundle, round1, [], SETTINGS)
