@@ -36,5 +36,12 @@ test-slow: install
 demo: install
 	$(BIN)/engrain demo
 
+# Not part of CI: about an hour on 2 cores. Results land in bench/results/, described in docs/benchmarks.md.
+bench: install
+	$(BIN)/python -m bench.record
+	$(BIN)/python -m bench.train_speed
+	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.continual
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
