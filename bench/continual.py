@@ -155,11 +155,12 @@ def run_strategy(
             "anchor_agreement": last["anchor_agreement"],
         }
     )
+    # The summary keys sit at the top of each strategy's entry: `continual.json["default"]["forgetting"]`.
     return {
+        **summary,
         "settings": settings.model_dump(mode="json"),
         "matrix": matrix,
         "rounds": per_round,
-        "summary": summary,
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -167,7 +168,7 @@ def run_strategy(
 
 def print_result(name: str, result: dict[str, Any]) -> None:
     """Human-readable summary of one strategy."""
-    s = result["summary"]
+    s = result
     print(f"\n== {name} ==  wall {result['wall_seconds']:.0f} s (training {result['train_seconds']:.0f} s)")
     n = len(result["matrix"])
     print("R[i][j] (rows: after round i; cols: round j's facts)")
