@@ -18,12 +18,10 @@ fails validation is moved to `quarantine/` by `quarantine()`, never silently dro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +32,8 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from learning.config import GateThresholds as GateThresholds  # re-exported: the server names it from here
 from learning.config import TrainSettings as TrainSettings
 from learning.examples import Example
+from learning.fsutil import fsync_dir as fsync_dir  # re-exported: deploy and the server write through these
+from learning.fsutil import write_atomic as write_atomic
 from learning.gates import Gate as Gate  # re-exported: a gate's verdict travels in result.json
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -251,32 +251,6 @@ class ProtocolError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes and validated reads
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_model(path: Path, model: BaseModel) -> None:
