@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
-from bench.continual import default_home, load_rounds
+from bench.continual import PROTECTION_OFF, default_home, load_rounds
 from learning import lora
 from learning.anchors import ensure_baseline, train_anchors
 from learning.batching import bucket_batches, padding_fraction
@@ -79,9 +79,9 @@ def run_ours(model_dir: Path, data: list[Example], settings: TrainSettings, epoc
     """Our loop: response-only logits, length bucketing, fused AdamW."""
     base, tokenizer = load_base(model_dir)
     model = lora.attach_new(base, settings.adapter, seed=0)
-    # Plain SFT, as TRL does it: no replay, anchors, KL or EWC terms, no early stopping.
-    plain = {"replay_ratio": 0.0, "anchor_ratio": 0.0, "kl_weight": 0.0, "ewc_lambda": 0.0, "neighbour_anchors": False}
-    s = settings.model_copy(update={"max_epochs": epochs, "early_stop_em": None, **plain})
+    # Plain SFT, as TRL does it: the continual benchmark's naive strategy (no replay, anchors, neighbour
+    # anchors, KL or EWC), without early stopping.
+    s = settings.model_copy(update={"max_epochs": epochs, "early_stop_em": None, **PROTECTION_OFF})
     out = train(model, tokenizer, data, [], [], s)
     lengths = [len(encode_example(tokenizer, e, s.max_seq_len)) for e in data]
     pad = padding_fraction(lengths, bucket_batches(lengths, s.batch_size, random.Random(0)))
