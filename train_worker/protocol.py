@@ -11,6 +11,10 @@ Files (under `$ENGRAIN_HOME`, see `train_worker.settings.Layout`):
 - `runs/<run_id>/cancel`             an empty marker from the server: stop this run at the next step.
 - `requests/active/<run_id>`         an empty marker: the run is claimed and has no result yet.
 - `kernels/<name>/versions/vN/meta.json`  `VersionMeta`, written by the worker before deploying.
+- `locks/training.lease`             `TrainingLease`, held by a worker that needs the host's memory; the
+                                     host unloads while a live lease exists and reloads itself after.
+- `host.json`                        `HostEndpoint`, written by the model host when it listens; clients
+                                     find the host here and check its identity.
 
 Every JSON file is written atomically (temp file, fsync, rename) and validated on read. A file that
 fails validation is moved to `quarantine/` by `quarantine()`, never silently dropped.
@@ -232,6 +236,55 @@ class VersionMeta(_File):
     gates: list[Gate] = Field(default_factory=list)
 
 
+class TrainingLease(_File):
+    """`locks/training.lease`: a worker needs the model host's memory for a training run.
+
+    The host owns its own unloading: while a live lease exists it unloads, and once the lease is
+    released (the file is removed), goes stale (no heartbeat for `ttl_s`) or its holder dies, it
+    reloads itself. No crash, timeout or missing watcher can therefore leave the host down.
+    """
+
+    kind: Literal["training_lease"] = "training_lease"
+    holder_pid: int = Field(ge=1, description="The worker process holding the lease.")
+    run_id: RunId | None = Field(default=None, description="The run the memory is needed for.")
+    acquired_at: AwareDatetime
+    heartbeat_at: AwareDatetime = Field(description="Refreshed by the holder every few seconds.")
+    ttl_s: float = Field(default=30.0, gt=0, le=3600, description="Stale when the heartbeat is older than this.")
+
+    def live(self, now: datetime | None = None) -> bool:
+        """Held by a running process whose heartbeat is fresh."""
+        now = now or datetime.now(UTC)
+        if (now - self.heartbeat_at).total_seconds() > self.ttl_s:
+            return False
+        return pid_alive(self.holder_pid)
+
+
+class HostEndpoint(_File):
+    """`host.json`: where this home's model host listens, written atomically by the host once it listens.
+
+    `home_id` is also served by the host's `/health`; a client that finds another id there is talking
+    to another home's host (a port clash or a stale file) and must refuse it.
+    """
+
+    kind: Literal["host_endpoint"] = "host_endpoint"
+    home_id: str = Field(min_length=8, max_length=128)
+    pid: int = Field(ge=1)
+    url: str = Field(description="Base URL on loopback, e.g. 'http://127.0.0.1:8765'.")
+    base_model: str
+    started_at: AwareDatetime
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 FILE_MODELS: dict[str, type[BaseModel]] = {
     "train_request": TrainRequest,
     "batch_item": BatchItem,
@@ -240,6 +293,8 @@ FILE_MODELS: dict[str, type[BaseModel]] = {
     "run_result": RunResult,
     "version_meta": VersionMeta,
     "run_state": RunState,
+    "training_lease": TrainingLease,
+    "host_endpoint": HostEndpoint,
 }
 
 M = TypeVar("M", bound=BaseModel)

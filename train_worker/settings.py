@@ -171,6 +171,16 @@ class Layout:
         return self.home / "token"
 
     @property
+    def lease(self) -> Path:
+        """`TrainingLease`: present while a worker needs the model host's memory."""
+        return self.locks / "training.lease"
+
+    @property
+    def host_endpoint(self) -> Path:
+        """`HostEndpoint`: where this home's model host listens."""
+        return self.home / "host.json"
+
+    @property
     def estop(self) -> Path:
         """While this file exists, no run starts, automatic or manual."""
         return self.home / "ESTOP"
