@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ReplayStrategy = Literal["uniform", "reservoir", "prioritized"]
+
+MAX_INT = 2**63 - 1  # what SQLite, JSON readers and torch seeds all hold
+# One optimizer step holds batch_size x max_seq_len tokens of activations; past this a step does not fit
+# in a workstation's memory (a 135M model at 32 x 4096 already needs tens of GB on a CPU).
+MAX_BATCH_TOKENS = 131_072
+# Every model here refuses inf and NaN: JSON has no such numbers, so they would be written as null and
+# refused by the reader, or poison training.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AdapterSettings(BaseModel):
     """The LoRA adapter's shape."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     rank: int = Field(default=16, ge=1, le=256)
-    alpha: float = Field(default=32.0, gt=0)
+    alpha: float = Field(default=32.0, gt=0, le=4096)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,128}$")]] | Literal["all-linear"] = Field(
         default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        max_length=64,
         description="Module names to adapt, or 'all-linear'. The MLP default learnt facts as fast as all-linear "
         "with less general drift and fewer adapter ops (bench/continual.py).",
     )
@@ -28,22 +38,24 @@ class AdapterSettings(BaseModel):
 class TrainSettings(BaseModel):
     """How one training run learns: optimiser, schedule, data mix and forgetting protection."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
     max_epochs: int = Field(default=16, ge=1, le=1000)
     min_epochs: int = Field(default=1, ge=1, le=1000, description="Epochs before early stopping may trigger.")
     batch_size: int = Field(default=8, ge=1, le=512)
     max_seq_len: int = Field(default=256, ge=16, le=32768)
-    warmup_steps: int = Field(default=2, ge=0)
+    warmup_steps: int = Field(default=2, ge=0, le=1_000_000)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a share of the peak lr.")
-    grad_clip: float = Field(default=1.0, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0, le=1e6)
+    weight_decay: float = Field(default=0.0, ge=0, le=100)
     replay_ratio: float = Field(default=1.0, ge=0, le=16, description="Replay items per new item.")
     replay_strategy: ReplayStrategy = "uniform"
     replay_alpha: float = Field(default=0.6, ge=0, le=4, description="Priority exponent for prioritized replay.")
-    replay_buffer_size: int = Field(default=512, ge=1, description="Reservoir capacity for reservoir replay.")
+    replay_buffer_size: int = Field(
+        default=512, ge=1, le=10_000_000, description="Reservoir capacity for reservoir replay."
+    )
     anchor_ratio: float = Field(default=1.0, ge=0, le=16, description="Anchor items per new item.")
     anchor_neighbour_share: float = Field(
         default=0.5,
@@ -57,11 +69,11 @@ class TrainSettings(BaseModel):
         description="Also keep the base answer (CE + KL) to each new prompt with its novel words removed, "
         "so new answers bind to their new subjects (learning/neighbours.py).",
     )
-    ewc_lambda: float = Field(default=0.0, ge=0, description="EWC penalty weight; 0 disables it.")
+    ewc_lambda: float = Field(default=0.0, ge=0, le=1e9, description="EWC penalty weight; 0 disables it.")
     fisher_decay: float = Field(
         default=1.0, ge=0, le=1, description="Online EWC: weight of the previous Fisher when adding this run's."
     )
-    kl_weight: float = Field(default=1.0, ge=0, description="KL-to-base weight on anchors; 0 disables it.")
+    kl_weight: float = Field(default=1.0, ge=0, le=1e6, description="KL-to-base weight on anchors; 0 disables it.")
     kl_top_k: int = Field(default=20, ge=1, le=1024, description="Base tokens kept per position for the KL.")
     early_stop_em: float | None = Field(
         default=1.0, ge=0, le=1, description="Stop once new items reach this exact match; None disables."
@@ -69,9 +81,19 @@ class TrainSettings(BaseModel):
     early_stop_patience: int = Field(
         default=1, ge=1, le=100, description="Consecutive epoch checks that must reach early_stop_em."
     )
-    checkpoint_every: int = Field(default=20, ge=1, description="Optimizer steps between checkpoints.")
+    checkpoint_every: int = Field(default=20, ge=1, le=1_000_000, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Newest checkpoints kept on disk.")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_INT)
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> TrainSettings:
+        tokens = self.batch_size * self.max_seq_len
+        if tokens > MAX_BATCH_TOKENS:
+            raise ValueError(
+                f"batch_size x max_seq_len = {self.batch_size} x {self.max_seq_len} = {tokens} tokens per step, "
+                f"over the budget of {MAX_BATCH_TOKENS}; lower batch_size or max_seq_len"
+            )
+        return self
 
 
 class GateThresholds(BaseModel):
@@ -82,12 +104,12 @@ class GateThresholds(BaseModel):
     (0.46-0.67, 0.78-0.95, x1.03-1.09 over three rounds) passes. Raise them for a bigger base model.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     min_acquisition_em: float = Field(default=0.8, ge=0, le=1)
     min_paraphrase_em: float | None = Field(default=None, ge=0, le=1)
     min_retention_em: float = Field(default=0.8, ge=0, le=1)
     min_anchor_agreement: float = Field(default=0.3, ge=0, le=1)
     min_general_kept: float = Field(default=0.75, ge=0, le=1)
-    max_ppl_ratio: float = Field(default=1.15, ge=1)
+    max_ppl_ratio: float = Field(default=1.15, ge=1, le=1e6)
     min_schema_compliance: float = Field(default=1.0, ge=0, le=1)

@@ -52,7 +52,7 @@ def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)
+        tmp.chmod(0o700)  # the home is private; so is every version and checkpoint in it
         if path.exists():
             # Two renames are not atomic together, but the old copy is only removed once the new one is in place.
             old = path.with_name(f".{path.name}.old")

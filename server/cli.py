@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from train_worker.settings import Settings
+from train_worker.locks import LockFileError
+from train_worker.settings import HomeError, Settings
 
 
 def _configure_logging(level: str) -> None:
@@ -18,8 +20,13 @@ def _configure_logging(level: str) -> None:
     )
 
 
+LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")  # the SDK's own defaults for a loopback bind
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import create_server
+
+    settings.layout.ensure()  # a home that cannot be used is refused here, with its reason
 
     if not args.http:
         create_server(settings).run()
@@ -37,7 +44,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     mcp = create_server(settings, token_verifier=StaticTokenVerifier(token), auth=auth_settings(base_url))
     security = None
     if args.allowed_host:
-        security = TransportSecuritySettings(allowed_hosts=args.allowed_host)
+        # Added to the loopback names the SDK accepts by default, never in their place.
+        hosts = [*LOOPBACK_HOSTS, *args.allowed_host]
+        origins = [*(f"http://{h}" for h in LOOPBACK_HOSTS), *(f"http://{h}" for h in args.allowed_host)]
+        security = TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
     mcp.run("streamable-http", host=args.address, port=port, transport_security=security)
     return 0
 
@@ -103,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default ENGRAIN_MCP_PORT, 8764)")
     serve.add_argument(
-        "--allowed-host", action="append", help="extra Host header to accept (repeatable), e.g. engrain.lan:8764"
+        "--allowed-host",
+        action="append",
+        help="another Host header to accept besides the loopback names (repeatable), e.g. engrain.lan:8764",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -146,7 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"engrain: invalid configuration: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    return int(args.func(args, settings))
+    # Every file engrain creates is private, whatever umask the caller had (systemd, a shell, an MCP client).
+    os.umask(0o077)
+    try:
+        return int(args.func(args, settings))
+    except (HomeError, LockFileError) as exc:
+        print(f"engrain: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,33 +8,38 @@ from datetime import datetime, time, timedelta, tzinfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_PERIOD_S = 366 * 86400.0  # a year: longer periods overflow date arithmetic and mean "never" anyway
 _WINDOW = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])$")
 
 
 class AutoTrainPolicy(BaseModel):
     """Per kernel, off by default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = False
-    min_untrained: int = Field(default=50, ge=1, description="Train once this many experiences wait.")
-    cooldown_s: float = Field(default=3600, ge=0, description="Seconds since the last run ended.")
+    min_untrained: int = Field(default=50, ge=1, le=10_000_000, description="Train once this many experiences wait.")
+    cooldown_s: float = Field(default=3600, ge=0, le=MAX_PERIOD_S, description="Seconds since the last run ended.")
     window: str | None = Field(
         default=None, description="Daily local-time window 'HH:MM-HH:MM' (may cross midnight); None: any time."
     )
-    breaker_failures: int = Field(default=3, ge=1, description="Consecutive failed runs that open the breaker.")
-    breaker_period_s: float = Field(default=86400, gt=0, description="Only failures this recent count.")
-    converge_runs: int = Field(default=3, ge=2, description="Runs over which convergence is judged (M).")
-    converge_margin: float = Field(default=0.05, ge=0, description="Every gate must pass by at least this.")
-    converge_std: float = Field(default=0.02, ge=0, description="Acquisition must vary less than this.")
+    breaker_failures: int = Field(
+        default=3, ge=1, le=1000, description="Consecutive failed runs that open the breaker."
+    )
+    breaker_period_s: float = Field(
+        default=86400, gt=0, le=MAX_PERIOD_S, description="Only failures this recent count."
+    )
+    converge_runs: int = Field(default=3, ge=2, le=100, description="Runs over which convergence is judged (M).")
+    converge_margin: float = Field(default=0.05, ge=0, le=1, description="Every gate must pass by at least this.")
+    converge_std: float = Field(default=0.02, ge=0, le=1, description="Acquisition must vary less than this.")
     drift_threshold: float = Field(
-        default=0.5, ge=0, description="KL (nats) of new experiences from the trained set that counts as new."
+        default=0.5, ge=0, le=1000, description="KL (nats) of new experiences from the trained set that counts as new."
     )
 
     @field_validator("window")
     @classmethod
     def _check_window(cls, value: str | None) -> str | None:
-        if value is not None and not _WINDOW.match(value):
+        if value is not None and not _WINDOW.fullmatch(value):
             raise ValueError(f"window {value!r} must look like '02:00-06:00' (24-hour local time)")
         return value
 
@@ -75,7 +80,7 @@ def in_window(window: str | None, moment: time) -> bool:
     """True when `moment` lies in 'HH:MM-HH:MM'; a window whose end is before its start crosses midnight."""
     if window is None:
         return True
-    m = _WINDOW.match(window)
+    m = _WINDOW.fullmatch(window)
     assert m is not None, window
     start = time(int(m.group(1)), int(m.group(2)))
     end = time(int(m.group(3)), int(m.group(4)))

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 def spawn_detached(settings: Settings, command: str) -> int:
     """Start `engrain <command>` in its own session with output to logs/<command>.log; return its pid."""
     logs = settings.layout.logs
-    logs.mkdir(parents=True, exist_ok=True)
-    with (logs / f"{command}.log").open("ab") as out:
+    settings.layout.ensure()
+    fd = os.open(logs / f"{command}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", command],
             stdin=subprocess.DEVNULL,

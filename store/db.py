@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,16 +35,25 @@ class Database:
     @classmethod
     async def open(cls, path: Path, clock: Clock | None = None) -> Database:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _private_files(path)
         clock = clock or Clock()
-        writer = await _connect(path)
+        # Two servers starting at once on a fresh home would both switch to WAL and migrate: one at a time.
+        lock = os.open(
+            path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
-            await writer.execute("PRAGMA journal_mode=WAL")
-            db_version = await apply_migrations(writer, clock.iso())
-            reader = await _connect(path)
-            await reader.execute("PRAGMA query_only=ON")
-        except BaseException:
-            await writer.close()
-            raise
+            await anyio.to_thread.run_sync(fcntl.flock, lock, fcntl.LOCK_EX)
+            writer = await _connect(path)
+            try:
+                await writer.execute("PRAGMA journal_mode=WAL")
+                db_version = await apply_migrations(writer, clock.iso())
+                reader = await _connect(path)
+                await reader.execute("PRAGMA query_only=ON")
+            except BaseException:
+                await writer.close()
+                raise
+        finally:
+            os.close(lock)  # and with it the lock
         db = cls(writer, reader, clock)
         db.schema_version = db_version
         return db
@@ -76,6 +88,16 @@ class Database:
     async def scalar(self, sql: str, params: Params = ()) -> Any:
         row = await self.fetchone(sql, params)
         return None if row is None else row[0]
+
+
+def _private_files(path: Path) -> None:
+    """Create the database 0600 before SQLite does (its WAL and shm files take the database's mode)."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        target = path.with_name(name)
+        with contextlib.suppress(FileNotFoundError):
+            if target.stat().st_mode & 0o077:
+                target.chmod(0o600)  # written by an older engrain, or under a looser umask
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

@@ -205,6 +205,26 @@ MIGRATIONS: list[Migration] = [
         """,
         rebuilds_tables=True,
     ),
+    Migration(
+        3,
+        "one_active_run_per_kernel",
+        """
+        -- Two servers on one home could each start a run for one kernel. Keep the oldest active run of
+        -- each kernel and close the others, so the unique index below can hold from now on.
+        UPDATE runs SET status = 'failed', phase = 'failed', eta_s = NULL,
+            error = 'closed when engrain was upgraded: another run of this kernel was already active',
+            finished_at = COALESCE(finished_at, updated_at)
+        WHERE status IN ('queued', 'requested', 'running', 'evaluating')
+          AND EXISTS (
+            SELECT 1 FROM runs AS older
+            WHERE older.kernel = runs.kernel
+              AND older.status IN ('queued', 'requested', 'running', 'evaluating')
+              AND (older.created_at < runs.created_at OR (older.created_at = runs.created_at AND older.id < runs.id))
+          );
+        CREATE UNIQUE INDEX runs_one_active ON runs(kernel)
+            WHERE status IN ('queued', 'requested', 'running', 'evaluating');
+        """,
+    ),
 ]
 
 
@@ -225,12 +245,18 @@ async def apply_migrations(db: aiosqlite.Connection, clock_iso: str) -> int:
     for migration in MIGRATIONS:
         if migration.version <= current:
             continue
-        log.info("applying migration %04d_%s", migration.version, migration.name)
         if migration.rebuilds_tables:
             await db.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction, so before BEGIN
         # executescript would commit on its own; run statement by statement inside one transaction.
         await db.execute("BEGIN IMMEDIATE")
         try:
+            # Another process may have applied it since we looked (callers also hold the home's db lock).
+            [row] = await db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            if int(row[0]) >= migration.version:
+                await db.commit()
+                current = int(row[0])
+                continue
+            log.info("applying migration %04d_%s", migration.version, migration.name)
             for statement in migration.statements():
                 await db.execute(statement)
             if migration.rebuilds_tables:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -23,13 +24,19 @@ class Runs:
         self._db = db
 
     async def create(self, run_id: str, kernel: str, trigger: RunTrigger, base_version: int | None) -> Run:
+        """A queued run; `Conflict` when the kernel already has an active one (a unique index holds that)."""
         now = self._db.clock.iso()
-        async with self._db.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO runs (id, kernel, status, trigger, base_version, phase, created_at, updated_at)"
-                " VALUES (?, ?, 'queued', ?, ?, 'queued', ?, ?)",
-                (run_id, kernel, trigger, base_version, now, now),
-            )
+        try:
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO runs (id, kernel, status, trigger, base_version, phase, created_at, updated_at)"
+                    " VALUES (?, ?, 'queued', ?, ?, 'queued', ?, ?)",
+                    (run_id, kernel, trigger, base_version, now, now),
+                )
+        except sqlite3.IntegrityError as exc:
+            if "runs.kernel" not in str(exc):
+                raise
+            raise Conflict(f"kernel {kernel!r} already has an active run; follow it with training_status") from exc
         return await self.get(run_id)
 
     async def find(self, run_id: str) -> Run | None:

@@ -191,7 +191,7 @@ async def test_migration_2_keeps_existing_data_and_links(
 
     monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
     new = await open_store(kernel=False)
-    assert new.db.schema_version == 2
+    assert new.db.schema_version == MIGRATIONS[-1].version
     kept = await new.experiences.get(added.id)
     assert (kept.prompt, kept.response, kept.status) == ("q1", "a1", "new")
     assert await new.runs.item_ids("r-20261123T200000-eeeeee", "new") == [added.id]
@@ -200,3 +200,54 @@ async def test_migration_2_keeps_existing_data_and_links(
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+async def test_migration_3_keeps_one_active_run_per_kernel_and_the_index_holds(
+    open_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers could each start a run for one kernel; the upgrade closes all but the oldest."""
+    import store.migrations as migrations
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:2])
+    old = await open_store()
+    for run_id in ("r-20261123T200000-aaaaaa", "r-20261123T200001-bbbbbb"):
+        await old.runs.create(run_id, "k", "manual", None)
+    await old.close()
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    new = await open_store(kernel=False)
+    first, second = await new.runs.get("r-20261123T200000-aaaaaa"), await new.runs.get("r-20261123T200001-bbbbbb")
+    assert first.status == "queued"
+    assert second.status == "failed" and second.error and "already active" in second.error
+    with pytest.raises(Conflict, match="already has an active run"):
+        await new.runs.create("r-20261123T200002-cccccc", "k", "manual", None)
+    await new.runs.finish(first.id, "cancelled")
+    assert (await new.runs.create("r-20261123T200002-cccccc", "k", "manual", None)).status == "queued"
+
+
+def _open_and_close(path: str) -> None:
+    import anyio
+
+    async def main() -> None:
+        await (await Store.open(Path(path))).close()
+
+    anyio.run(main)
+
+
+def test_servers_starting_at_once_on_a_fresh_home_all_open_the_store(tmp_path: Path) -> None:
+    """Several processes opening a fresh database together: each one migrates or waits, none fails."""
+    import multiprocessing
+
+    for attempt in range(3):
+        path = tmp_path / f"try{attempt}" / "engrain.db"
+        path.parent.mkdir()
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_open_and_close, args=(str(path),)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        with sqlite3.connect(path) as raw:
+            versions = [r[0] for r in raw.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert versions == [m.version for m in MIGRATIONS]

@@ -8,15 +8,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
+from train_worker.locks import locked
 from train_worker.protocol import VersionMeta, fsync_dir, read_model
 from train_worker.settings import Layout
 
@@ -40,16 +39,9 @@ class KernelFiles:
         self.current_link = self.root / "current"
         self._lock_path = layout.locks / f"kernel-{kernel}.lock"
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialise deploys and rollbacks of this kernel across processes."""
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock_path.open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Serialise deploys, rollbacks and late cancels of this kernel across processes."""
+        return locked(self._lock_path)
 
     def version_dir(self, version: int) -> Path:
         return self.versions_dir / f"v{version}"
@@ -60,7 +52,7 @@ class KernelFiles:
             return []
         found = []
         for child in self.versions_dir.iterdir():
-            match = _VERSION_DIR.match(child.name)
+            match = _VERSION_DIR.fullmatch(child.name)
             if match and (child / "meta.json").is_file():
                 found.append(int(match.group(1)))
         return sorted(found)
@@ -70,7 +62,7 @@ class KernelFiles:
             target = os.readlink(self.current_link)
         except FileNotFoundError:
             return None
-        match = _VERSION_DIR.match(Path(target).name)
+        match = _VERSION_DIR.fullmatch(Path(target).name)
         if not match:
             raise DeployError(f"{self.current_link} points at {target!r}, which is not a version folder")
         return int(match.group(1))

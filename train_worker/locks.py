@@ -1,28 +1,58 @@
-"""Process locks on `$ENGRAIN_HOME/locks/*.lock`: `fcntl` locks die with their holder, so none goes stale."""
+"""Process locks on `$ENGRAIN_HOME/locks/*.lock`: `fcntl` locks die with their holder, so none goes stale.
+
+Lock files are opened with `O_NOFOLLOW` (a symlink planted in their place is refused, never followed
+and truncated) and mode 0600; only a holder writes its pid into one, so checking a lock changes nothing.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 
+class LockFileError(Exception):
+    """A lock file cannot be opened safely (it is a symlink, or not ours to open)."""
+
+
+def open_lock_file(path: Path) -> int:
+    """Open (creating it 0600) a lock file without following a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockFileError(
+                f"lock file {path} is a symbolic link; engrain never follows one there. Remove it and retry."
+            ) from exc
+        raise LockFileError(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
+
+
 class ProcessLock:
-    """A non-blocking exclusive lock that records its holder's pid for messages."""
+    """An exclusive lock that records its holder's pid for messages."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
+    def acquire(self, *, timeout: float = 0.0) -> bool:
+        """Take the lock, waiting up to `timeout` seconds (0: try once); True when held."""
+        fd = open_lock_file(self.path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.01)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -34,20 +64,34 @@ class ProcessLock:
             os.close(self._fd)
             self._fd = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def held_elsewhere(self) -> bool:
-        """True when another process holds the lock right now."""
+        """True when another process holds the lock right now; the file is left as it was."""
         if self._fd is not None:
             return False
-        if self.acquire():
-            self.release()
-            return False
-        return True
+        fd = open_lock_file(self.path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we took
+        return False
 
     def holder(self) -> int | None:
         try:
-            return int(self.path.read_text().strip() or 0) or None
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return int(os.read(fd, 32).decode().strip() or 0) or None
         except (OSError, ValueError):
             return None
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> ProcessLock:
         if not self.acquire():
@@ -68,6 +112,17 @@ class LockHeld(Exception):
         self.pid = pid
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the lock at `path` for the block, waiting as long as it takes (for short critical sections)."""
+    fd = open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def worker_lock(locks: Path) -> ProcessLock:
     return ProcessLock(locks / "worker.lock")
 
@@ -78,3 +133,8 @@ def host_lock(locks: Path) -> ProcessLock:
 
 def watcher_lock(locks: Path) -> ProcessLock:
     return ProcessLock(locks / "watch.lock")
+
+
+def dispatch_lock(locks: Path) -> ProcessLock:
+    """Serialises request, cancel and reconcile across every MCP server on one home."""
+    return ProcessLock(locks / "dispatch.lock")

@@ -33,12 +33,15 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from learning.config import MAX_INT as MAX_INT
 from learning.config import GateThresholds as GateThresholds  # re-exported: the server names it from here
 from learning.config import TrainSettings as TrainSettings
 from learning.examples import Example
 from learning.fsutil import fsync_dir as fsync_dir  # re-exported: deploy and the server write through these
 from learning.fsutil import write_atomic as write_atomic
 from learning.gates import Gate as Gate  # re-exported: a gate's verdict travels in result.json
+from learning.output_schema import SchemaProblem as SchemaProblem
+from learning.output_schema import check_schema as check_schema  # re-exported: the server checks at configure
 
 SCHEMA_VERSION: Literal[1] = 1
 CANCEL_MARKER = "cancel"  # runs/<run_id>/cancel: the server asks the worker to stop the run
@@ -50,7 +53,7 @@ _RUN_ID = re.compile(RUN_ID_PATTERN)
 
 
 def check_kernel_name(name: str) -> str:
-    if not _KERNEL_NAME.match(name):
+    if not _KERNEL_NAME.fullmatch(name):
         raise ValueError(
             f"invalid kernel name {name!r}: use 1-63 characters from a-z, 0-9, '-' and '_', "
             "starting with a letter or digit (for example 'support-bot')"
@@ -59,7 +62,7 @@ def check_kernel_name(name: str) -> str:
 
 
 def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
+    if not _RUN_ID.fullmatch(run_id):
         raise ValueError(
             f"invalid run id {run_id!r}: run ids look like 'r-20261123T201500-a1b2c3', as train_model returns them"
         )
@@ -71,6 +74,12 @@ KernelName = Annotated[
     str, AfterValidator(check_kernel_name), Field(json_schema_extra={"pattern": KERNEL_NAME_PATTERN})
 ]
 RunId = Annotated[str, AfterValidator(check_run_id), Field(json_schema_extra={"pattern": RUN_ID_PATTERN})]
+
+
+def _checked_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    if schema is not None:
+        check_schema(schema)  # local refs only, no recursion, bounded patterns: evaluation always ends
+    return schema
 
 
 def new_run_id(now: datetime) -> str:
@@ -93,7 +102,7 @@ class TrainRequest(_File):
     base_version: int | None = Field(description="Deployed adapter version to continue from; None: the bare base.")
     settings: TrainSettings
     gates: GateThresholds
-    output_schema: dict[str, Any] | None = Field(
+    output_schema: Annotated[dict[str, Any] | None, AfterValidator(_checked_schema)] = Field(
         default=None, description="JSON Schema the kernel's answers must satisfy, if it declares one."
     )
     requested_at: AwareDatetime
@@ -319,7 +328,7 @@ def jsonl_bytes(models: Iterable[BaseModel]) -> bytes:
 def append_event(path: Path, event: ProgressEvent) -> None:
     """Append one line with a single O_APPEND write, so a reader never sees half an event."""
     line = event.model_dump_json().encode() + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, line)
     finally:

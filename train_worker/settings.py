@@ -7,6 +7,7 @@ Every process (MCP server, worker, model host, CLI) reads its settings here, and
 from __future__ import annotations
 
 import os
+import stat
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -186,6 +187,8 @@ class Layout:
         return self.home / "ESTOP"
 
     def ensure(self) -> None:
+        """Create the home and its folders private (0700) whatever the umask; refuse another user's home."""
+        check_home(self.home)
         for d in (
             self.requests,
             self.active,
@@ -198,4 +201,35 @@ class Layout:
             self.locks,
             self.logs,
         ):
-            d.mkdir(parents=True, exist_ok=True)
+            private_dir(d)
+
+
+class HomeError(Exception):
+    """`$ENGRAIN_HOME` cannot be used safely."""
+
+
+def private_dir(path: Path) -> None:
+    """`mkdir -p` with mode 0700 for the leaf, tightened if it already exists looser."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def check_home(home: Path) -> None:
+    """The home exists (created 0700), is a directory owned by this user, and is not open to others."""
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = home.stat()
+    except OSError as exc:
+        raise HomeError(f"cannot create ENGRAIN_HOME {home}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise HomeError(f"ENGRAIN_HOME {home} is not a directory; point ENGRAIN_HOME at a directory of your own")
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise HomeError(
+            f"ENGRAIN_HOME {home} belongs to uid {st.st_uid}, not to this user (uid {me}); engrain refuses a home "
+            "another user controls (they could read the kernels or plant files). Point ENGRAIN_HOME at a "
+            "directory of your own."
+        )
+    if st.st_mode & 0o077:
+        home.chmod(0o700)  # an older engrain, or the umask, left it open to others

@@ -17,11 +17,12 @@ from server.state import AppState
 from server.tools._common import KernelArg, auto_check, kernel_name, state_of, tool
 from store.errors import StoreError
 from store.models import ExperienceSource, ExperienceStatus, Interaction, NewExperience, Verdict
+from train_worker.protocol import MAX_INT
 
 
 @tool
 async def feedback(
-    query_id: Annotated[int, Field(description="The query_id query_kernel returned.")],
+    query_id: Annotated[int, Field(ge=1, le=MAX_INT, description="The query_id query_kernel returned.")],
     rating: Annotated[int, Field(ge=1, le=5, description="1 = wrong … 5 = perfect.")],
     ctx: Context[AppState],
     correction: Annotated[
@@ -125,7 +126,9 @@ async def _ask_client_model(query_id: int, ctx: Context[AppState]) -> Sample:
 
 @tool
 async def request_correction(
-    query_id: Annotated[int, Field(description="A query_id from query_kernel whose answer needs correcting.")],
+    query_id: Annotated[
+        int, Field(ge=1, le=MAX_INT, description="A query_id from query_kernel whose answer needs correcting.")
+    ],
     ctx: Context[AppState],
     suggestion: Annotated[CreateMessageResult, Resolve(_ask_client_model)],
 ) -> CorrectionResult:

@@ -16,7 +16,7 @@ from server.policy import AutoTrainPolicy
 from server.state import AppState
 from server.tools._common import KernelArg, auto_check, auto_status, kernel_info, kernel_name, state_of, tool
 from train_worker.deploy import KernelFiles
-from train_worker.protocol import GateThresholds, KernelName, TrainSettings
+from train_worker.protocol import MAX_INT, GateThresholds, KernelName, SchemaProblem, TrainSettings, check_schema
 
 
 @tool
@@ -100,12 +100,10 @@ async def configure_kernel(
 
 
 def _check_schema(schema: dict[str, Any]) -> None:
-    import jsonschema  # deferred: only kernels with an output schema need it
-
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ToolError(f"output_schema is not a valid JSON Schema: {exc.message}") from exc
+        check_schema(schema)
+    except SchemaProblem as exc:
+        raise ToolError(str(exc)) from exc
 
 
 @tool
@@ -120,7 +118,8 @@ async def rollback_kernel(
     kernel: KernelArg,
     ctx: Context[AppState],
     version: Annotated[
-        int | None, Field(ge=0, description="Version to serve; omit for the previous one; 0 for the bare base.")
+        int | None,
+        Field(ge=0, le=MAX_INT, description="Version to serve; omit for the previous one; 0 for the bare base."),
     ] = None,
 ) -> RollbackResult:
     """Serve an earlier adapter version of a kernel (or the bare base model)."""
