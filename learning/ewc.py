@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from learning import interrupt
+
 FISHER_FILE = "fisher.safetensors"
 
 
@@ -23,6 +25,7 @@ def empirical_fisher(
     fisher = {k: torch.zeros_like(p) for k, p in params.items()}
     n = 0
     for loss_fn in per_example_losses:
+        interrupt.check()
         for p in params.values():
             p.grad = None
         torch.autograd.backward(loss_fn())

@@ -7,10 +7,19 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from learning import interrupt
 from learning.formatting import encode_prompt
 from learning.model_loading import model_device
+
+
+class _StopOnRequest(StoppingCriteria):
+    """Ends a generation within one token once a stop is requested (learning.interrupt)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        stop = interrupt.requested() is not None
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 @torch.inference_mode()
@@ -36,6 +45,7 @@ def generate_ids(
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
+            interrupt.check()
             idx = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -51,7 +61,9 @@ def generate_ids(
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([_StopOnRequest()]),
             )
+            interrupt.check()  # a stop cut this batch short: its answers are not to be used
             for row, i in enumerate(idx):
                 tokens = generated[row, width:].tolist()
                 if eos in tokens:

@@ -17,6 +17,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from learning import interrupt
 from learning.anchors import TRAIN_ANCHOR_TOKENS, Anchor
 from learning.examples import Example
 from learning.formatting import encode_prompt
@@ -86,6 +87,7 @@ def neighbour_anchors(model: nn.Module, tokenizer: PreTrainedTokenizerBase, new:
         with context:
             prompts: list[tuple[Example, str]] = []
             for e in new:
+                interrupt.check()
                 ablated = ablate(e.prompt, word_surprisals(model, tokenizer, e.prompt))
                 if ablated is not None:
                     prompts.append((e, ablated))

@@ -231,7 +231,7 @@ def _validator_class() -> Any:
         elif not ap and extras:
             yield ValidationError(f"additional properties are not allowed ({', '.join(map(repr, sorted(extras)))})")
 
-    _VALIDATOR = jsonschema.validators.extend(
+    _VALIDATOR = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
         jsonschema.Draft202012Validator,
         {"pattern": pattern, "patternProperties": pattern_properties, "additionalProperties": additional_properties},
     )

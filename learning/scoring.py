@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from learning import interrupt
 from learning.losses import decoder_and_head
 from learning.model_loading import model_device
 
@@ -61,6 +62,7 @@ def perplexity(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, 
     total, count = 0.0, 0
     try:
         for start in range(0, len(ids) - 1, window):
+            interrupt.check()
             chunk = torch.tensor([ids[start : start + window + 1]], device=device)
             if chunk.shape[1] < 2:
                 break

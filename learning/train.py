@@ -29,7 +29,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from learning import checkpoint, ewc, lora, replay
+from learning import checkpoint, ewc, interrupt, lora, replay
 from learning.anchors import Anchor
 from learning.batching import Batch, bucket_batches, collate
 from learning.config import TrainSettings
@@ -149,6 +149,7 @@ class _Run:
         """Encode on first use; keys are 'new:<i>', 'replay:<i>', 'anchor:<i>', 'neighbour:<i>' (list indices)."""
         if key in self.items:
             return self.items[key]
+        interrupt.check()  # encoding an anchor can mean a base forward pass (KL targets)
         kind, _, ref = key.partition(":")
         if kind in ("anchor", "neighbour"):
             anchor = self.anchors[int(ref)] if kind == "anchor" else self.neighbours()[int(ref)]
@@ -303,6 +304,7 @@ class _Run:
         try:
             keys = [f"new:{i}" for i in range(len(self.new))]
             for start in range(0, len(keys), self.settings.batch_size):
+                interrupt.check()
                 batch, items = self.batch(keys[start : start + self.settings.batch_size])
                 mask = target_mask(batch.labels)
                 hidden = hidden_states(self.model, batch.input_ids, batch.attention_mask)
@@ -333,6 +335,7 @@ def prompt_embeddings(model: PeftModel, tokenizer: PreTrainedTokenizerBase, prom
     try:
         with model.disable_adapter():
             for prompt in prompts:
+                interrupt.check()
                 ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"] or [0]], device=device)
                 states = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
                 out.append(states[len(states) // 2][0].mean(0))

@@ -1,28 +1,38 @@
-"""Turning a training wish into files: one run folder per run, at most one `pending.json` at a time."""
+"""Turning a training wish into files, and keeping the store and the files in step (train_worker/lifecycle.py).
+
+One run folder per run, at most one `pending.json` at a time. Requests, cancels and reconciles hold a
+cross-process lock (`locks/dispatch.lock`) as well as this server's own, so two servers on one home
+take turns; the store's unique index allows one active run per kernel besides.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import os
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 import anyio
+from pydantic import ValidationError
 
 from server.kernel_config import KernelConfig
 from store import Store
+from store.errors import Conflict, StoreError
 from store.models import Experience, Kernel, Run, RunTrigger
+from train_worker import lifecycle
+from train_worker.deploy import KernelFiles
+from train_worker.lifecycle import RunFiles
+from train_worker.locks import dispatch_lock
 from train_worker.protocol import (
-    CANCEL_MARKER,
     BatchItem,
     BatchManifest,
-    ProtocolError,
+    RunResult,
     TrainRequest,
     jsonl_bytes,
     new_run_id,
-    read_model,
     write_atomic,
     write_model,
 )
@@ -30,9 +40,16 @@ from train_worker.settings import Layout
 
 log = logging.getLogger(__name__)
 
+LOCK_TIMEOUT_S = 60.0
+MAX_REWRITES = 3  # a request that keeps vanishing (refused by the worker) ends its run instead of looping
+
 
 class NothingToTrain(Exception):
     pass
+
+
+class Busy(StoreError):
+    """Another server held the home's dispatch lock for too long."""
 
 
 class Dispatcher:
@@ -42,10 +59,29 @@ class Dispatcher:
         self._store = store
         self._layout = layout
         self._lock = anyio.Lock()
+        self._home_lock = dispatch_lock(layout.locks)
+        self._rewrites: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """This server's lock, then the home's: one server at a time moves runs."""
+        async with self._lock:
+            deadline = anyio.current_time() + LOCK_TIMEOUT_S
+            while not self._home_lock.acquire():
+                if anyio.current_time() > deadline:
+                    raise Busy(
+                        f"another engrain server on {self._layout.home} held the dispatch lock for over "
+                        f"{LOCK_TIMEOUT_S:.0f} s (pid {self._home_lock.holder()}); try again"
+                    )
+                await anyio.sleep(0.01)
+            try:
+                yield
+            finally:
+                self._home_lock.release()
 
     async def request(self, kernel: str, trigger: RunTrigger = "manual") -> tuple[Run, bool]:
         """Start (or join) a run for `kernel`: (run, True) when an active run already existed."""
-        async with self._lock:
+        async with self.exclusive():
             active = await self._store.runs.active_for_kernel(kernel)
             if active is not None:
                 return active, True
@@ -54,14 +90,21 @@ class Dispatcher:
                     f"kernel {kernel!r} has no untrained experiences; record some with record_experience first"
                 )
             k = await self._store.kernels.get(kernel)
-            run_id = new_run_id(self._store.db.clock.now())
-            run = await self._store.runs.create(run_id, kernel, trigger, k.deployed_version)
+            try:
+                run = await self._store.runs.create(
+                    new_run_id(self._store.db.clock.now()), kernel, trigger, k.deployed_version
+                )
+            except Conflict:
+                active = await self._store.runs.active_for_kernel(kernel)
+                if active is None:
+                    raise
+                return active, True
             await self._promote_locked()
             return await self._store.runs.get(run.id), False
 
     async def _promote_locked(self) -> None:
-        """Write the oldest queued run's request if `pending.json` is free."""
-        while not self._layout.pending.exists():
+        """Write the oldest queued run's request if `pending.json` is free (never while the e-stop exists)."""
+        while not self._layout.pending.exists() and not lifecycle.estopped(self._layout):
             queued = await self._store.runs.with_status("queued")
             if not queued:
                 return
@@ -71,6 +114,9 @@ class Dispatcher:
             except NothingToTrain as exc:
                 await self._store.runs.finish(run.id, "cancelled", error=str(exc))
                 continue
+            except BadRequest as exc:
+                await self._store.runs.finish(run.id, "failed", error=str(exc))
+                continue
             return
 
     async def _write_request(self, run: Run) -> None:
@@ -79,6 +125,7 @@ class Dispatcher:
         new = await self._store.experiences.untrained(kernel.name, config.max_new_per_run)
         if not new:
             raise NothingToTrain(f"kernel {kernel.name!r} had no untrained experiences left when its turn came")
+        request = _train_request(run, kernel, config, self._store.db.clock.now())
         replay = await self._store.experiences.replay_pool(kernel.name, config.replay_pool_max)
         items = [_batch_item(e, "new") for e in new] + [_batch_item(e, "replay") for e in replay]
         run_dir = self._layout.run_dir(run.id)
@@ -86,56 +133,125 @@ class Dispatcher:
         # The store learns which experiences the run carries before the worker can see the request,
         # so a crash in between leaves a 'requested' run that reconcile() re-announces.
         await self._store.runs.mark_requested(run.id, [(e.id, "new") for e in new] + [(e.id, "replay") for e in replay])
-        request = _train_request(run, kernel, config, self._store.db.clock.now())
         await anyio.to_thread.run_sync(write_model, self._layout.pending, request)
         log.info("requested run %s for kernel %s: %d new, %d replay", run.id, kernel.name, len(new), len(replay))
 
     async def reconcile(self) -> None:
-        """Re-announce requested runs whose request file never reached the worker, then fill the slot.
-
-        That covers a crash between recording a request and writing its file, and a request file the
-        worker refused and quarantined: the store still knows the run, so it is written afresh.
-        """
-        async with self._lock:
-            for run in await self._store.runs.with_status("requested"):
-                # pending.json before the run folder: the worker's claim renames one into the other.
-                if self._pending_run_id() == run.id or (self._layout.run_dir(run.id) / "request.json").exists():
-                    continue
-                if self._layout.pending.exists():
-                    continue  # another run holds the slot; this one is re-announced when it frees
-                log.warning("run %s was requested but its request file is missing; writing it again", run.id)
-                await self._rewrite(run)
+        """Bring the files in line with the store, for every crash point the lifecycle names."""
+        async with self.exclusive():
+            await self._withdraw_stale_request()
+            for run in await self._store.runs.with_status("requested", "running", "evaluating"):
+                seen = await anyio.to_thread.run_sync(lifecycle.observe, self._layout, run.id)
+                if seen == "unmarked":
+                    log.warning("run %s is claimed but has no active marker; re-arming it", run.id)
+                    await anyio.to_thread.run_sync(lifecycle.rearm, self._layout, run.id)
+                elif seen == "ended":
+                    await anyio.to_thread.run_sync(lifecycle.deliver, self._layout, run.id)
+                elif seen == "lost":
+                    await self._recover_lost(run)
             await self._promote_locked()
 
-    async def _rewrite(self, run: Run) -> None:
-        kernel = await self._store.kernels.get(run.kernel)
-        config = KernelConfig.model_validate(kernel.config)
-        write_model(self._layout.pending, _train_request(run, kernel, config, self._store.db.clock.now()))
+    async def _withdraw_stale_request(self) -> None:
+        """A `pending.json` for a run that is no longer waiting (cancelled by another server) is taken back."""
+        pending = lifecycle.pending_run_id(self._layout)
+        if pending is None:
+            return
+        run = await self._store.runs.find(pending)
+        stale = run is None or run.status != "requested"
+        if stale and await anyio.to_thread.run_sync(lifecycle.withdraw, self._layout, pending):
+            log.warning("withdrew pending.json for run %s: the store has it as %s", pending, run and run.status)
 
-    async def cancel(self, run: Run) -> Run:
-        """Cancel at once if the worker has not claimed the run; otherwise ask the worker to stop."""
-        async with self._lock:
+    async def _recover_lost(self, run: Run) -> None:
+        """A requested run whose request file is gone (never written, or refused): write it again, bounded."""
+        if run.status != "requested":
+            await self._store.runs.finish(run.id, "failed", error="the run's files are gone from its home folder")
+            return
+        if self._layout.pending.exists() or lifecycle.estopped(self._layout):
+            return  # another run holds the slot, or nothing starts: re-announced when that changes
+        tries = self._rewrites.get(run.id, 0) + 1
+        if tries > MAX_REWRITES:
+            await self._store.runs.finish(
+                run.id,
+                "failed",
+                error=f"its request file disappeared {MAX_REWRITES} times without being claimed (the worker "
+                f"refused it: see {self._layout.quarantine})",
+            )
+            return
+        self._rewrites[run.id] = tries
+        log.warning("run %s was requested but its request file is missing; writing it again", run.id)
+        kernel = await self._store.kernels.get(run.kernel)
+        try:
+            request = _train_request(
+                run, kernel, KernelConfig.model_validate(kernel.config), self._store.db.clock.now()
+            )
+        except BadRequest as exc:
+            await self._store.runs.finish(run.id, "failed", error=str(exc))
+            return
+        await anyio.to_thread.run_sync(write_model, self._layout.pending, request)
+
+    async def cancel(self, run_id: str) -> Run:
+        """Cancel at once if no worker has the run; otherwise ask the worker, unless its deploy has committed."""
+        async with self.exclusive():
+            run = await self._store.runs.get(run_id)
+            if not run.active:
+                raise Conflict(f"run {run.id} already ended as {run.status}; nothing to cancel")
             if run.status == "queued":
                 return await self._store.runs.finish(run.id, "cancelled", error="cancelled before it was requested")
-            if run.status == "requested" and self._pending_run_id() == run.id:
-                try:
-                    # Whoever renames pending.json first owns it: the worker to claim, or us to withdraw.
-                    os.replace(self._layout.pending, self._layout.run_dir(run.id) / "request.withdrawn.json")
-                except FileNotFoundError:
-                    pass
-                else:
-                    done = await self._store.runs.finish(run.id, "cancelled", error="cancelled before training began")
-                    await self._promote_locked()
-                    return done
-            await self._store.runs.request_cancel(run.id)
-            write_atomic(self._layout.run_dir(run.id) / CANCEL_MARKER, b"cancel requested\n")
-            return await self._store.runs.get(run.id)
+            if run.status == "requested" and await anyio.to_thread.run_sync(lifecycle.withdraw, self._layout, run.id):
+                done = await self._store.runs.finish(run.id, "cancelled", error="cancelled before training began")
+                await self._promote_locked()
+                return done
+            seen = await anyio.to_thread.run_sync(lifecycle.observe, self._layout, run.id)
+            if seen == "lost":
+                return await self._store.runs.finish(run.id, "cancelled", error="cancelled before a worker took it")
+            if seen in ("ended", "delivered", "recorded"):
+                return run  # it ended meanwhile: the result says how, and is recorded on the next sweep
+            forced = await anyio.to_thread.run_sync(
+                lifecycle.force_finish,
+                self._layout,
+                run.id,
+                run.kernel,
+                "cancelled",
+                "cancelled while no worker was running it (force-finished by the server)",
+            )
+            if forced is not None:
+                log.warning("run %s had no live worker; force-finished it as cancelled", run.id)
+                return await self.record(forced)
+            refusal = await anyio.to_thread.run_sync(_ask_worker_to_cancel, self._layout, run.id, run.kernel)
+            if refusal is not None:
+                raise Conflict(refusal)
+            return await self._store.runs.request_cancel(run.id)
 
-    def _pending_run_id(self) -> str | None:
-        try:
-            return read_model(self._layout.pending, TrainRequest).run_id
-        except ProtocolError:
-            return None
+    async def record(self, result: RunResult) -> Run:
+        """Close a run in the store from its result (idempotent: a run already ended is left as it is)."""
+        return await self._store.runs.finish(
+            result.run_id,
+            result.status,
+            finished_at=result.finished_at,
+            error=result.error,
+            metrics=result.metrics,
+            gates=[g.model_dump() for g in result.gates],
+            new_version=result.version,
+            version_path=result.version_path,
+            losses={item.experience_id: item.loss for item in result.losses},
+        )
+
+
+class BadRequest(StoreError):
+    """The kernel's stored configuration cannot make a valid request."""
+
+
+def _ask_worker_to_cancel(layout: Layout, run_id: str, kernel: str) -> str | None:
+    """Write the cancel marker under the kernel lock, unless the run's deploy has committed (the reason)."""
+    files = RunFiles(layout, run_id)
+    with KernelFiles(layout, kernel).locked():
+        if files.deploy_committed():
+            return (
+                f"run {run_id} is already deploying its new version and can no longer be cancelled; once it "
+                f"ends, rollback_kernel(kernel={kernel!r}) serves the previous version again"
+            )
+        write_atomic(files.cancel, b"cancel requested\n")
+    return None
 
 
 def _write_batch(run_dir: Path, run_id: str, kernel: str, items: list[BatchItem], now: datetime) -> None:
@@ -155,16 +271,25 @@ def _write_batch(run_dir: Path, run_id: str, kernel: str, items: list[BatchItem]
 
 
 def _train_request(run: Run, kernel: Kernel, config: KernelConfig, now: datetime) -> TrainRequest:
-    return TrainRequest(
-        run_id=run.id,
-        kernel=kernel.name,
-        base_model=kernel.base_model,
-        base_version=kernel.deployed_version,
-        settings=config.train,
-        gates=config.gates,
-        output_schema=config.output_schema,
-        requested_at=now,
-    )
+    """The run's request, proven to survive its own round trip through JSON before anyone writes it."""
+    try:
+        request = TrainRequest(
+            run_id=run.id,
+            kernel=kernel.name,
+            base_model=kernel.base_model,
+            base_version=kernel.deployed_version,
+            settings=config.train,
+            gates=config.gates,
+            output_schema=config.output_schema,
+            requested_at=now,
+        )
+        TrainRequest.model_validate_json(request.model_dump_json())
+    except ValidationError as exc:
+        raise BadRequest(
+            f"kernel {kernel.name!r}'s configuration cannot make a training request: {exc.errors()[0]['msg']} "
+            f"at {'.'.join(map(str, exc.errors()[0]['loc']))}; fix it with configure_kernel"
+        ) from exc
+    return request
 
 
 def _batch_item(e: Experience, role: Literal["new", "replay"]) -> BatchItem:

@@ -17,6 +17,10 @@ class Quarantine:
                 (original, stored_as, reason, self._db.clock.iso()),
             )
 
+    async def known(self) -> set[str]:
+        """Every quarantined file already recorded, by where it was stored."""
+        return {str(r[0]) for r in await self._db.fetchall("SELECT stored_as FROM quarantine")}
+
     async def recent(self, limit: int = 50) -> list[QuarantineEntry]:
         rows = await self._db.fetchall("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
         return [QuarantineEntry.from_row(r) for r in rows]

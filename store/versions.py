@@ -22,13 +22,26 @@ class Versions:
             raise NotFound(f"kernel {kernel!r} has no version v{version} (known: {known})")
         return Version.from_row(row)  # type: ignore[no-any-return]
 
-    async def mark_deployed(self, kernel: str, version: int | None) -> None:
-        """Make `version` the deployed one (None: the bare base model) and record it on the kernel."""
+    async def mark_deployed(
+        self, kernel: str, version: int | None, *, path: str | None = None, run_id: str | None = None
+    ) -> None:
+        """Make `version` the deployed one (None: the bare base model) and record it on the kernel.
+
+        With `path`, a version the store never heard of (its run's result was lost) is added first.
+        """
         now = self._db.clock.iso()
         async with self._db.transaction() as tx:
             await tx.execute(
                 "UPDATE versions SET status = 'retired' WHERE kernel = ? AND status = 'deployed'", (kernel,)
             )
+            if version is not None and path is not None:
+                async with tx.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)) as cur:
+                    known_run = await cur.fetchone() is not None
+                await tx.execute(
+                    "INSERT OR IGNORE INTO versions (kernel, version, run_id, path, status, created_at)"
+                    " VALUES (?, ?, ?, ?, 'available', ?)",
+                    (kernel, version, run_id if known_run else None, path, now),
+                )
             if version is not None:
                 await tx.execute(
                     "UPDATE versions SET status = 'deployed', deployed_at = ? WHERE kernel = ? AND version = ?",

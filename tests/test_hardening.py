@@ -164,13 +164,14 @@ def test_a_request_with_null_numbers_is_refused_with_the_field(tmp_path: Path) -
 async def test_configure_kernel_refuses_inf_and_huge_numbers_and_stores_nothing(settings: Settings) -> None:
     async with Client(create_server(settings)) as client:
         before = snapshot(settings)
-        for args, field in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"settings": {"learning_rate": float("inf")}}, "learning_rate"),
             ({"gates": {"max_ppl_ratio": float("inf")}}, "max_ppl_ratio"),
             ({"auto": {"breaker_period_s": 1e20}}, "breaker_period_s"),
             ({"settings": {"seed": 2**64}}, "seed"),
             ({"settings": {"batch_size": 512, "max_seq_len": 32768}}, "max_seq_len"),
-        ]:
+        ]
+        for args, field in cases:
             text = await error(client, "configure_kernel", kernel="default", **args)
             assert field in text, text
         assert snapshot(settings) == before

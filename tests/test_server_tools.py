@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -11,7 +12,17 @@ import pytest
 from mcp import Client
 
 from tests.helpers import claim, event, eventually, fake_version, picked_up, result
-from train_worker.protocol import BatchItem, BatchManifest, TrainRequest, read_batch, read_model
+from train_worker.locks import worker_lock
+from train_worker.protocol import (
+    BatchItem,
+    BatchManifest,
+    RunResult,
+    TrainRequest,
+    read_batch,
+    read_model,
+    write_atomic,
+    write_model,
+)
 from train_worker.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -238,6 +249,7 @@ async def test_a_hand_written_result_ends_the_run_and_is_archived(connect: Any, 
         run_id = (await call(client, "train_model", kernel="default"))["run_id"]
         claim(layout)
         fake_version(layout, "default", 1, run_id)
+        (layout.kernel_dir("default") / "current").symlink_to("versions/v1")  # what a deploy switches
         path = result(
             layout, run_id, "default", "deployed", version=1, version_path="kernels/default/versions/v1",
             metrics={"acquisition_em": 1.0},
@@ -341,9 +353,47 @@ async def test_cancel_a_running_run_asks_the_worker(connect: Any, settings: Sett
         await call(client, "record_experiences", kernel="default", items=FACTS)
         run_id = (await call(client, "train_model", kernel="default"))["run_id"]
         claim(layout)
-        run = await call(client, "cancel_training", run_id=run_id)
+        worker = worker_lock(layout.locks)
+        assert worker.acquire()  # a live worker has the run
+        try:
+            run = await call(client, "cancel_training", run_id=run_id)
+        finally:
+            worker.release()
         assert run["status"] == "requested" and run["cancel_requested"] is True
         assert (layout.run_dir(run_id) / "cancel").exists()
+
+
+async def test_cancel_force_finishes_a_claimed_run_whose_worker_is_gone(connect: Any, settings: Settings) -> None:
+    layout = settings.layout
+    async with connect() as client:
+        await call(client, "record_experiences", kernel="default", items=FACTS)
+        run_id = (await call(client, "train_model", kernel="default"))["run_id"]
+        claim(layout)
+        write_atomic(layout.active / run_id, b"")
+        run = await call(client, "cancel_training", run_id=run_id)
+        assert run["status"] == "cancelled" and "force-finished" in run["error"]
+        assert not (layout.active / run_id).exists()
+        assert read_model(layout.run_dir(run_id) / "result.json", RunResult).status == "cancelled"
+        await picked_up(layout, run_id)
+        assert (await call(client, "list_kernels"))["kernels"][0]["untrained"] == 2
+
+
+async def test_cancel_is_refused_once_the_deploy_has_committed(connect: Any, settings: Settings) -> None:
+    layout = settings.layout
+    async with connect() as client:
+        await call(client, "record_experiences", kernel="default", items=FACTS)
+        run_id = (await call(client, "train_model", kernel="default"))["run_id"]
+        claim(layout)
+        deploying = RunResult(run_id=run_id, kernel="default", status="deployed", finished_at=datetime.now(UTC))
+        write_model(layout.run_dir(run_id) / "deploy.json", deploying)
+        worker = worker_lock(layout.locks)
+        assert worker.acquire()
+        try:
+            text = await error(client, "cancel_training", run_id=run_id)
+        finally:
+            worker.release()
+        assert "can no longer be cancelled" in text and "rollback_kernel" in text
+        assert not (layout.run_dir(run_id) / "cancel").exists()
 
 
 async def test_query_without_a_host_says_how_to_start_it(connect: Any, settings: Settings) -> None:

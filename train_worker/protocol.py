@@ -8,7 +8,9 @@ Files (under `$ENGRAIN_HOME`, see `train_worker.settings.Layout`):
 - `runs/<run_id>/result.json`        `RunResult`, written by the worker; a copy goes to
                                      `requests/results/<run_id>.json` for the server to pick up.
 - `runs/<run_id>/state.json`         `RunState`, the worker's attempt count and what it did to the host.
-- `runs/<run_id>/cancel`             an empty marker from the server: stop this run at the next step.
+- `runs/<run_id>/cancel`             a marker from the server: stop this run at the next check.
+- `runs/<run_id>/deploy.json`        `RunResult`, written by the worker under the kernel lock: the deploy is
+                                     committed (a cancel is refused from then on) and this is what it publishes.
 - `requests/active/<run_id>`         an empty marker: the run is claimed and has no result yet.
 - `kernels/<name>/versions/vN/meta.json`  `VersionMeta`, written by the worker before deploying.
 - `locks/training.lease`             `TrainingLease`, held by a worker that needs the host's memory; the
@@ -130,8 +132,10 @@ class BatchManifest(_File):
 Phase = Literal[
     "claimed",
     "resumed",
+    "held",
     "stopping_host",
     "loading",
+    "baseline",
     "training",
     "checkpoint",
     "interrupted",
@@ -145,8 +149,10 @@ Phase = Literal[
 PHASE_STATUS: dict[Phase, Literal["running", "evaluating"]] = {
     "claimed": "running",
     "resumed": "running",
+    "held": "running",
     "stopping_host": "running",
     "loading": "running",
+    "baseline": "running",
     "training": "running",
     "checkpoint": "running",
     "interrupted": "running",
@@ -215,7 +221,7 @@ class RunResult(_File):
         return [g for g in self.gates if g.status == "failed"]
 
 
-HostAction = Literal["stopped", "unloaded", "not_running", "left_alone"]
+HostAction = Literal["leased", "stopped", "unloaded", "not_running", "left_alone"]
 
 
 class RunState(_File):

@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-HostController = Literal["auto", "systemd", "http", "none"]
+HostController = Literal["auto", "lease", "systemd", "http", "none"]
 
 
 def default_home() -> Path:
@@ -56,8 +56,18 @@ class Settings(BaseSettings):
     host_port: int = Field(default=8765, ge=1, le=65535)
     host_controller: HostController = Field(
         default="auto",
-        description="How the worker frees the host's memory: systemd, http (admin unload), none, "
-        "or auto (systemd when the unit is installed, else http).",
+        description="How the worker frees the host's memory besides its training lease: lease (the host "
+        "unloads itself while the lease is held), systemd (also stops the unit, which frees GPU memory "
+        "for certain), http (also calls the host's admin unload/reload), none (leaves the host alone, no "
+        "lease), or auto (systemd when the unit is installed, else lease).",
+    )
+    host_unload_wait_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="How long the worker waits for the host to report itself unloaded before it loads the "
+        "model anyway (with a warning); a busy host finishes its answers first.",
     )
     systemd_user: bool = Field(default=True, description="Use `systemctl --user` for the host unit.")
     embedded_services: bool = Field(

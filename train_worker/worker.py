@@ -1,29 +1,42 @@
 """`engrain worker`: process training requests until none is left, then exit.
 
-For each run: claim `pending.json` by renaming it into the run folder, free the model host, train with
-`learning/`, evaluate against the gates, deploy if they pass, always bring the host back, and write
-`result.json` atomically. A claimed run without a result (the worker was killed, or stopped by SIGTERM
+For each run (the lifecycle is `train_worker/lifecycle.py`): claim `pending.json`, take the training
+lease so the model host frees its memory, train with `learning/`, evaluate against the gates, deploy if
+they pass (only over the version the run started from), release the lease on every way out, and write
+`result.json` atomically. A claimed run without a result (the worker was killed, or stopped on SIGTERM
 after checkpointing) is resumed by the next worker, up to `max_resume_attempts` starts.
+
+Stops are checked in every phase: SIGTERM, a cancel (`runs/<id>/cancel`) and the e-stop (`ESTOP`) set a
+process-wide request (`learning.interrupt`) that every long loop checks between batches; training writes a
+checkpoint first. SIGTERM and the e-stop leave the run to resume; a cancel ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import random
 import shutil
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from learning import interrupt
+from train_worker import faults, lifecycle
+from train_worker.auth_token import load_or_create_token
 from train_worker.deploy import KernelFiles
 from train_worker.host_control import HostController, controller_for
+from train_worker.lease import Lease, clear_dead_lease, host_status, wait_until_unloaded
+from train_worker.lifecycle import RunFiles
 from train_worker.locks import worker_lock
 from train_worker.protocol import (
-    CANCEL_MARKER,
     BatchItem,
     BatchManifest,
     ItemLoss,
@@ -36,7 +49,6 @@ from train_worker.protocol import (
     TrainRequest,
     VersionMeta,
     append_event,
-    check_run_id,
     quarantine,
     read_batch,
     read_events,
@@ -50,10 +62,11 @@ log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a run was checkpointed on SIGTERM and will resume
 HELD_BACK_MAX = 32  # earlier items kept out of replay to measure retention honestly
+WATCH_EVERY_S = 0.2  # how often a running run looks for its cancel marker and the e-stop
 
 
 class Interrupted(Exception):
-    """SIGTERM arrived: the run was checkpointed and is left claimed for the next worker."""
+    """SIGTERM (or the e-stop) stopped the run; it was checkpointed and is left claimed for the next worker."""
 
 
 class EventLog:
@@ -77,7 +90,27 @@ class EventLog:
         if step < total and now - self._last_training < 0.5:
             return
         self._last_training = now
-        self.emit("training", step=step, total_steps=total, **fields)
+        self.emit("training", step=step, total_steps=total, **_finite(fields))
+
+
+class StopWatch(threading.Thread):
+    """Turns a run's cancel marker and the e-stop file into a stop request while the run works."""
+
+    def __init__(self, files: RunFiles) -> None:
+        super().__init__(name="engrain-stop-watch", daemon=True)
+        self._files = files
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(WATCH_EVERY_S):
+            if self._files.cancel_requested():
+                interrupt.request("cancel")
+            elif lifecycle.estopped(self._files.layout):
+                interrupt.request("estop")
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(2)
 
 
 class Worker:
@@ -86,6 +119,8 @@ class Worker:
         self.layout: Layout = settings.layout
         self.controller = controller or controller_for(settings)
         self._sigterm = False
+        self._abortable = False
+        self._diverged: str | None = None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -100,74 +135,96 @@ class Worker:
             )
             return 0
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        interrupt.clear()
         try:
+            lifecycle.sweep_leftovers(self.layout)
+            clear_dead_lease(self.layout)
             # A SIGTERM between runs just stops the loop: what waits is picked up by the next worker.
             while not self._sigterm:
                 run_id = self.next_run()
                 if run_id is None:
+                    if lifecycle.estopped(self.layout) and self.layout.pending.exists():
+                        self._wait_out_estop()  # a request waits; no run starts while ESTOP exists
+                        continue
                     break
                 try:
                     self.process(run_id)
-                except Interrupted:
-                    log.warning("run %s interrupted; its checkpoint resumes with the next worker", run_id)
-                    return EXIT_INTERRUPTED
-            return 0
+                except Interrupted as stop:
+                    if self.stopping():
+                        log.warning("run %s interrupted; its checkpoint resumes with the next worker", run_id)
+                        return EXIT_INTERRUPTED
+                    log.warning("run %s paused (%s); it resumes once the e-stop file is removed", run_id, stop)
+            return EXIT_INTERRUPTED if self._sigterm and self._has_work() else 0
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             lock.release()
 
+    def stopping(self) -> bool:
+        """SIGTERM or SIGINT arrived: finish what cannot be cut short, then exit."""
+        return self._sigterm
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.warning("received %s: checkpointing and stopping", signal.Signals(signum).name)
         self._sigterm = True
+        interrupt.request("sigterm")
+        if self._abortable:
+            # Loading a model has no batch boundaries; nothing it writes is half-visible (atomic caches).
+            raise interrupt.StopRequested("sigterm")
+
+    @contextlib.contextmanager
+    def _abort_on_signal(self) -> Iterator[None]:
+        self._abortable = True
+        try:
+            if self._sigterm:
+                raise interrupt.StopRequested("sigterm")
+            yield
+        finally:
+            self._abortable = False
+
+    def _has_work(self) -> bool:
+        return self.layout.pending.exists() or any(self.layout.active.glob("r-*"))
+
+    def _wait_out_estop(self, files: RunFiles | None = None) -> None:
+        """Wait while ESTOP exists; a SIGTERM, or a cancel of the run held, ends the wait early."""
+        log.warning("the e-stop file %s exists: waiting for an operator to remove it", self.layout.estop)
+        while lifecycle.estopped(self.layout) and not self._sigterm:
+            if files is not None and files.cancel_requested():
+                return
+            time.sleep(0.2)
 
     def next_run(self) -> str | None:
         """A claimed run left without a result comes first; then the pending request, claimed here."""
-        for marker in sorted(self.layout.active.iterdir()) if self.layout.active.is_dir() else []:
-            try:
-                run_id = check_run_id(marker.name)
-            except ValueError:
-                log.error("ignoring stray file %s in %s", marker.name, self.layout.active)
-                continue
-            if not (self.layout.run_dir(run_id) / "result.json").exists():
-                return run_id
-            marker.unlink(missing_ok=True)  # result written, marker not yet removed: finish the cleanup
-        return self._claim_pending()
-
-    def _claim_pending(self) -> str | None:
-        pending = self.layout.pending
-        try:
-            request = read_model(pending, TrainRequest)
-        except ProtocolError as exc:
-            if not pending.exists():
-                return None
-            moved = quarantine(pending, self.layout.quarantine, str(exc))
-            log.error("quarantined %s as %s: %s", pending.name, moved.name, exc)
+        waiting = lifecycle.resumable(self.layout)
+        if waiting:
+            return waiting[0]
+        if lifecycle.estopped(self.layout):
             return None
-        run_dir = self.layout.run_dir(request.run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(pending, run_dir / "request.json")  # the claim: atomic, so exactly one worker wins
-        except FileNotFoundError:
-            return None  # withdrawn by a cancel, or claimed elsewhere
-        write_atomic(self.layout.active / request.run_id, b"")
-        log.info("claimed run %s for kernel %s", request.run_id, request.kernel)
-        return request.run_id
+        claimed = lifecycle.claim(self.layout)
+        if claimed is not None:
+            faults.point("claimed")
+        return claimed.run_id if claimed is not None else None
 
     # -- one run -------------------------------------------------------------------------------
 
     def process(self, run_id: str) -> None:
         run_dir = self.layout.run_dir(run_id)
-        handler = logging.FileHandler(run_dir / "worker.log")
+        log_path = run_dir / "worker.log"
+        os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+        handler = logging.FileHandler(log_path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
         try:
-            self._process(run_id, run_dir)
+            self._process(RunFiles(self.layout, run_id))
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
-    def _process(self, run_id: str, run_dir: Path) -> None:
+    def _process(self, files: RunFiles) -> None:
+        run_id, run_dir = files.run_id, files.dir
+        if not self._sigterm:
+            interrupt.clear()
+        self._diverged = None
         state = self._load_state(run_id)
         if state.host_action is not None and not state.host_restored:
             # The last worker died holding the host down; it is stopped again below if needed.
@@ -176,9 +233,13 @@ class Worker:
         events = EventLog(run_dir / "events.jsonl", run_id)
         started = datetime.now(UTC)
         try:
-            request = read_model(run_dir / "request.json", TrainRequest)
+            request = read_model(files.request, TrainRequest)
         except ProtocolError as exc:
+            if files.request.exists():
+                quarantine(files.request, self.layout.quarantine, str(exc))
             self._finish(run_id, None, "failed", started, error=f"the claimed request is unreadable: {exc}")
+            return
+        if files.deploy_committed() and self._resume_deploy(files, request, started):
             return
         # Graceful stops (SIGTERM, checkpointed) do not count: only workers that died on the run do.
         crashes = state.attempts - 1 - state.interruptions
@@ -190,7 +251,7 @@ class Worker:
             self._finish(run_id, request.kernel, "failed", started, error=error)
             return
         events.emit("claimed" if state.attempts == 1 else "resumed", message=f"attempt {state.attempts}")
-        if self._cancelled(run_dir):
+        if files.cancel_requested():
             self._finish(run_id, request.kernel, "cancelled", started, error="cancelled before training began")
             return
         try:
@@ -202,65 +263,121 @@ class Worker:
                     quarantine(run_dir / name, self.layout.quarantine, str(exc))
             self._finish(run_id, request.kernel, "failed", started, error=f"the run's batch is unusable: {exc}")
             return
+        if lifecycle.estopped(self.layout):
+            events.emit("held", message=f"the e-stop file {self.layout.estop} exists: waiting for it to go")
+            self._wait_out_estop(files)
+            if self._sigterm:
+                state = self._save_state(state, interruptions=state.interruptions + 1)
+                raise Interrupted("sigterm")
+            if files.cancel_requested():
+                self._finish(run_id, request.kernel, "cancelled", started, error="cancelled before training began")
+                return
 
-        events.emit("stopping_host", message=f"freeing memory ({self.controller.name})")
-        try:
-            action = self.controller.stop()
-        except Exception as exc:
-            self._finish(run_id, request.kernel, "failed", started, error=f"could not stop the model host: {exc}")
-            return
-        state = self._save_state(state, host_action=action, host_restored=False)
+        watch = StopWatch(files)
+        watch.start()
+        lease = Lease(self.layout, run_id)
         outcome: dict[str, Any] = {}
         try:
-            outcome = self._train_and_deploy(request, items, run_dir, events)
-        except Interrupted:
-            state = self._save_state(state, interruptions=state.interruptions + 1)
-            raise
+            events.emit("stopping_host", message=f"freeing memory ({self.controller.name})")
+            faults.point("stopping_host")
+            state = self._free_host(lease, state)
+            outcome = self._train_and_deploy(request, items, files, events)
+        except interrupt.StopRequested as stop:
+            reason = interrupt.requested() or str(stop)
+            if reason == "cancel":
+                outcome = {"status": "cancelled", "error": f"cancelled during {self._phase(events)}"}
+            elif reason == "diverged":
+                outcome = {"status": "failed", "error": self._diverged or "training diverged"}
+            else:
+                state = self._save_state(state, interruptions=state.interruptions + 1)
+                events.emit("interrupted", message=f"stopped by {reason}; resumes from the last checkpoint")
+                raise Interrupted(reason) from None
         except Exception as exc:
             log.exception("run %s failed", run_id)
             outcome = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         finally:
+            watch.stop()
             events.emit("restarting_host")
-            state = self.restore_host(state)
+            state = self.restore_host(state, lease)
+        if outcome.get("status") in ("cancelled", "failed"):
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         self._finish(run_id, request.kernel, started=started, host_restored=state.host_restored, **outcome)
         events.emit("finished", message=outcome.get("status"))
 
+    def _phase(self, events: EventLog) -> str:
+        seen, _, _ = read_events(events.path, 0)
+        return seen[-1].phase if seen else "the run"
+
+    def _free_host(self, lease: Lease, state: RunState) -> RunState:
+        """Take the lease, do the controller's part, then wait (bounded) for the host to unload."""
+        if self.controller.uses_lease:
+            lease.acquire()
+        # Recorded before the controller acts, so a stop or crash in the middle still undoes it.
+        undo = {"systemd": "stopped", "http": "unloaded", "lease": "leased"}.get(self.controller.name)
+        state = self._save_state(state, host_action=undo, host_restored=undo is None)
+        action = self.controller.stop(interrupt.check)
+        state = self._save_state(state, host_action=action, host_restored=False)
+        if self.controller.uses_lease and self.settings.host_unload_wait_s > 0:
+            token, _ = load_or_create_token(self.settings)
+            unloaded = wait_until_unloaded(
+                lambda: host_status(self.layout, token), self.settings.host_unload_wait_s, interrupt.check
+            )
+            if not unloaded:
+                log.warning(
+                    "the model host did not report itself unloaded within %.0f s (busy answering?); training "
+                    "anyway. It unloads as soon as it can and reloads after the run.",
+                    self.settings.host_unload_wait_s,
+                )
+        return state
+
     def _train_and_deploy(
-        self, request: TrainRequest, items: list[BatchItem], run_dir: Path, events: EventLog
+        self, request: TrainRequest, items: list[BatchItem], files: RunFiles, events: EventLog
     ) -> dict[str, Any]:
         # Deferred: torch and transformers load only once a run really starts.
         from learning.anchors import baseline_path
         from learning.model_loading import ensure_base_model
-        from learning.pipeline import evaluate_candidate, load_bundle, release, run_training, save_version
+        from learning.pipeline import evaluate_candidate, load_bundle, release, run_training
         from learning.reports import Progress
 
-        files = KernelFiles(self.layout, request.kernel)
+        run_dir = files.dir
+        kernel = KernelFiles(self.layout, request.kernel)
         events.emit("loading", message="loading the base model")
+        faults.point("loading")
         base = None if request.base_model == "embedded" else request.base_model
-        if not baseline_path(self.layout.cache, ensure_base_model(base, self.layout.models)).exists():
-            events.emit(
-                "loading",
-                message="first run on this base model: computing its baseline (anchor answers, probes, "
-                "reference perplexity) once, a few minutes on a CPU",
+        with self._abort_on_signal():
+            if not baseline_path(self.layout.cache, ensure_base_model(base, self.layout.models)).exists():
+                events.emit(
+                    "baseline",
+                    message="first run on this base model: computing its baseline (anchor answers, probes, "
+                    "reference perplexity) once, a few minutes on a CPU",
+                )
+                faults.point("baseline")
+            bundle = load_bundle(
+                base, self.layout.models, self.layout.cache, self.settings.torch_threads, self.settings.device
             )
-        bundle = load_bundle(
-            base, self.layout.models, self.layout.cache, self.settings.torch_threads, self.settings.device
-        )
         # Continue from what serves now: a rollback since the request moved it.
-        parent = files.current()
-        previous = files.version_dir(parent) if parent is not None else None
+        parent = kernel.current()
+        previous = kernel.version_dir(parent) if parent is not None else None
         new = [i for i in items if i.role == "new"]
         replay, held_back = _split_held_back([i for i in items if i.role == "replay"], request.settings.seed)
 
+        first_step = [True]
+
         def on_progress(p: Progress) -> None:
+            if p.loss is not None and not math.isfinite(p.loss):
+                self._diverged = (
+                    f"training diverged: the loss became {p.loss} at step {p.step}; lower learning_rate "
+                    f"(now {request.settings.learning_rate}) or grad_clip and train again"
+                )
+                interrupt.request("diverged")
             fields = {"epoch": p.epoch, "loss": p.loss, "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s}
             if p.phase == "fisher":
                 events.emit("training", step=p.step, total_steps=p.total_steps, message="computing Fisher information")
             else:
                 events.training(p.step, p.total_steps, **fields)
-
-        def should_stop() -> bool:
-            return self._sigterm or self._cancelled(run_dir)
+            if p.phase == "train" and first_step[0]:
+                first_step[0] = False
+                faults.point("training")
 
         candidate = run_training(
             bundle,
@@ -270,72 +387,165 @@ class Worker:
             previous_version=previous,
             checkpoint_dir=run_dir / "checkpoints",
             progress=on_progress,
-            should_stop=should_stop,
+            should_stop=lambda: interrupt.requested() is not None,
         )
         result: dict[str, Any] = {
             "base_version": parent,
             "steps": candidate.outcome.steps,
-            "tokens_per_s": candidate.outcome.tokens_per_s,
+            "tokens_per_s": _finite_or_none(candidate.outcome.tokens_per_s),
             "stop_reason": candidate.outcome.stopped,
             "losses": [
                 ItemLoss(experience_id=int(k), loss=v)
                 for k, v in candidate.outcome.example_losses.items()
-                if k.isdigit()
+                if k.isdigit() and math.isfinite(v)
             ],
         }
         if candidate.outcome.stopped == "interrupted":
-            if self._cancelled(run_dir):
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-                return {**result, "status": "cancelled", "error": "cancelled during training"}
-            events.emit("interrupted", step=candidate.outcome.steps, total_steps=candidate.outcome.total_steps)
-            raise Interrupted
+            raise interrupt.StopRequested(interrupt.requested() or "stop")
 
         events.emit("evaluating", message=f"scoring {len(new)} new and {len(held_back)} held-back items")
+        faults.point("evaluating")
         report = evaluate_candidate(
             bundle, candidate.model, new, held_back, request.gates, request.output_schema, candidate.outcome
         )
         write_atomic(run_dir / "eval_report.json", report.model_dump_json(indent=1).encode())
-        metrics = {k: v for k, v in report.metrics.model_dump().items() if isinstance(v, float | int) or v is None}
+        metrics = {
+            k: _finite_or_none(v)
+            for k, v in report.metrics.model_dump().items()
+            if isinstance(v, float | int) or v is None
+        }
         result |= {"metrics": metrics, "gates": report.gates.gates}
         if not report.gates.passed:
             release(bundle, candidate)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             return {**result, "status": "rejected", "error": f"not deployed: {report.gates.summary()}"}
+        try:
+            return self._deploy(request, files, kernel, candidate, report, result, parent, events)
+        finally:
+            release(bundle, candidate)
+
+    def _deploy(
+        self,
+        request: TrainRequest,
+        files: RunFiles,
+        kernel: KernelFiles,
+        candidate: Any,
+        report: Any,
+        result: dict[str, Any],
+        parent: int | None,
+        events: EventLog,
+    ) -> dict[str, Any]:
+        """Install and switch to the new version, under the kernel lock, only over the version trained from.
+
+        `deploy.json` is the commit point: before it a cancel stops the deploy, after it the deploy
+        completes (also across a crash: the next worker finishes it).
+        """
+        from learning.pipeline import save_version
 
         events.emit("deploying")
-        with files.locked():
-            version = files.next_version()
-            staged = files.versions_dir / f".v{version}.staging"
-            save_version(candidate, report, staged)
-            meta = VersionMeta(
-                kernel=request.kernel,
-                version=version,
+        with kernel.locked():
+            if files.cancel_requested():
+                return {**result, "status": "cancelled", "error": "cancelled after evaluation; nothing was deployed"}
+            now = kernel.current()
+            if now != parent:
+                return {
+                    **result,
+                    "status": "rejected",
+                    "error": f"not deployed: {request.kernel} moved from {_vname(parent)} to {_vname(now)} while "
+                    "this run trained (a rollback or another deploy); it is not overridden. Train again to build "
+                    "on what serves now.",
+                }
+            version = kernel.next_version()
+            target = kernel.version_dir(version)
+            committed = RunResult(
                 run_id=request.run_id,
-                parent_version=parent,
-                base_model=request.base_model,
-                created_at=datetime.now(UTC),
-                metrics=metrics,
-                gates=report.gates.gates,
+                kernel=request.kernel,
+                status="deployed",
+                finished_at=datetime.now(UTC),
+                version=version,
+                version_path=str(target.relative_to(self.layout.home)),
+                **result,
             )
-            write_model(staged / "meta.json", meta)
-            target = files.install(staged, version)
-            files.switch(version)
-            pruned = files.prune(self.settings.keep_versions)
-        release(bundle, candidate)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            write_model(files.deploy, committed)
+            staged = kernel.versions_dir / f".v{version}.staging"
+            try:
+                faults.point("deploying")
+                save_version(candidate, report, staged)
+                meta = VersionMeta(
+                    kernel=request.kernel,
+                    version=version,
+                    run_id=request.run_id,
+                    parent_version=parent,
+                    base_model=request.base_model,
+                    created_at=datetime.now(UTC),
+                    metrics=result["metrics"],
+                    gates=report.gates.gates,
+                )
+                write_model(staged / "meta.json", meta)
+                kernel.install(staged, version)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                files.deploy.unlink(missing_ok=True)  # nothing was installed: the commit is void
+                raise
+            faults.point("switch")
+            kernel.switch(version)
+            pruned = kernel.prune(self.settings.keep_versions)
+        shutil.rmtree(files.dir / "checkpoints", ignore_errors=True)
         log.info("run %s deployed %s v%d", request.run_id, request.kernel, version)
         return {
             **result,
             "status": "deployed",
             "version": version,
-            "version_path": str(target.relative_to(self.layout.home)),
+            "version_path": committed.version_path,
             "pruned_versions": pruned,
         }
 
-    # -- bookkeeping ---------------------------------------------------------------------------
+    def _resume_deploy(self, files: RunFiles, request: TrainRequest, started: datetime) -> bool:
+        """A worker died after committing a deploy: finish it, or void it if nothing was installed.
 
-    def _cancelled(self, run_dir: Path) -> bool:
-        return (run_dir / CANCEL_MARKER).exists()
+        True when the run ended here; False when it goes on as an ordinary resume.
+        """
+        try:
+            committed = read_model(files.deploy, RunResult)
+        except ProtocolError as exc:
+            quarantine(files.deploy, self.layout.quarantine, str(exc))
+            return False
+        kernel = KernelFiles(self.layout, request.kernel)
+        version = committed.version
+        with kernel.locked():
+            installed = (
+                version is not None and version in kernel.versions() and _meta_run(kernel, version) == request.run_id
+            )
+            if installed:
+                now = kernel.current()
+                if now == committed.base_version:
+                    kernel.switch(version)  # the crash came between install and switch
+                    now = version
+                if now == version:
+                    pruned = kernel.prune(self.settings.keep_versions)
+                    log.info("run %s: finished its deploy of v%s after a crash", request.run_id, version)
+                    result = committed.model_copy(
+                        update={"finished_at": datetime.now(UTC), "started_at": started, "pruned_versions": pruned}
+                    )
+                    self._publish(result)
+                    shutil.rmtree(files.dir / "checkpoints", ignore_errors=True)
+                    return True
+                self._finish(
+                    request.run_id,
+                    request.kernel,
+                    "rejected",
+                    started,
+                    error=f"not deployed: {request.kernel} was moved to {_vname(now)} after this run's worker died "
+                    f"mid-deploy; v{version} is kept on disk but not served",
+                )
+                return True
+            for leftover in kernel.versions_dir.glob(f".v{version}.*") if kernel.versions_dir.is_dir() else []:
+                shutil.rmtree(leftover, ignore_errors=True)
+            files.deploy.unlink(missing_ok=True)
+            log.info("run %s: its interrupted deploy never installed v%s; the run goes on", request.run_id, version)
+            return False
+
+    # -- bookkeeping ---------------------------------------------------------------------------
 
     def _load_state(self, run_id: str) -> RunState:
         path = self.layout.run_dir(run_id) / "state.json"
@@ -343,7 +553,8 @@ class Worker:
             try:
                 return read_model(path, RunState)
             except ProtocolError as exc:
-                log.error("run %s: state.json unreadable (%s); starting its count afresh", run_id, exc)
+                quarantine(path, self.layout.quarantine, str(exc))
+                log.error("run %s: state.json unreadable (%s); quarantined, starting its count afresh", run_id, exc)
         return RunState(run_id=run_id, updated_at=datetime.now(UTC))
 
     def _save_state(self, state: RunState, **changes: Any) -> RunState:
@@ -351,7 +562,10 @@ class Worker:
         write_model(self.layout.run_dir(state.run_id) / "state.json", state)
         return state
 
-    def restore_host(self, state: RunState) -> RunState:
+    def restore_host(self, state: RunState, lease: Lease | None = None) -> RunState:
+        """Release the lease (the host reloads itself) and undo what the controller did."""
+        if lease is not None and lease.held:
+            lease.release()
         restored = True
         if state.host_action is not None:
             try:
@@ -363,29 +577,23 @@ class Worker:
 
     def _finish(self, run_id: str, kernel: str | None, status: ResultStatus, started: datetime, **fields: Any) -> None:
         """Write the result (the run folder's copy, then the server's inbox) and release the claim."""
-        run_dir = self.layout.run_dir(run_id)
         if kernel is None:  # the request itself was unreadable
-            kernel = _kernel_from_dir(run_dir)
-        result = RunResult(
-            run_id=run_id,
-            kernel=kernel,
-            status=status,
-            started_at=started,
-            finished_at=datetime.now(UTC),
-            **fields,
-        )
-        write_model(run_dir / "result.json", result)
-        write_model(self.layout.results / f"{run_id}.json", result)
-        (self.layout.active / run_id).unlink(missing_ok=True)
-        log.info("run %s finished: %s%s", run_id, status, f" ({result.error})" if result.error else "")
+            kernel = lifecycle._kernel_of(self.layout, run_id)
+        fields.setdefault("finished_at", datetime.now(UTC))
+        self._publish(RunResult(run_id=run_id, kernel=kernel, status=status, started_at=started, **fields))
+
+    def _publish(self, result: RunResult) -> None:
+        lifecycle.finish(self.layout, result)
+        log.info("run %s finished: %s%s", result.run_id, result.status, f" ({result.error})" if result.error else "")
 
 
 def restore_host_after_crash(settings: Settings) -> bool:
     """Bring the host back for any claimed run whose worker died holding it down (ExecStopPost, watcher)."""
-    worker = Worker(settings)
     lock = worker_lock(settings.layout.locks)
     if lock.held_elsewhere():
         return True  # a live worker owns the host right now
+    clear_dead_lease(settings.layout)
+    worker = Worker(settings)
     ok = True
     for marker in sorted(settings.layout.active.glob("r-*")):
         state_path = settings.layout.run_dir(marker.name) / "state.json"
@@ -409,8 +617,20 @@ def _split_held_back(pool: list[BatchItem], seed: int) -> tuple[list[BatchItem],
     return [x for i, x in enumerate(pool) if i not in chosen], [x for i, x in enumerate(pool) if i in chosen]
 
 
-def _kernel_from_dir(run_dir: Path) -> str:
+def _meta_run(kernel: KernelFiles, version: int) -> str | None:
     try:
-        return read_model(run_dir / "manifest.json", BatchManifest).kernel
+        return kernel.meta(version).run_id
     except ProtocolError:
-        return "default"
+        return None
+
+
+def _vname(version: int | None) -> str:
+    return "the bare base model" if version is None else f"v{version}"
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _finite(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: _finite_or_none(v) for k, v in fields.items()}

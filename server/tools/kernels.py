@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
@@ -126,7 +127,21 @@ async def rollback_kernel(
     state = state_of(ctx)
     name = kernel_name(kernel)
     k = await state.store.kernels.get(name)
-    files = KernelFiles(state.layout, name)
+    # The kernel lock can be held by a worker writing a deploy: wait for it off the event loop.
+    target = await anyio.to_thread.run_sync(_switch_back, KernelFiles(state.layout, name), version)
+    await state.store.versions.mark_deployed(name, target)
+    await state.notifier.updated(kernel_uri(name))
+    return RollbackResult(
+        kernel=name,
+        from_version=k.deployed_version,
+        to_version=target,
+        message=f"{name} now serves {_vname(target)}; the model host follows within a second",
+    )
+
+
+def _switch_back(files: KernelFiles, version: int | None) -> int | None:
+    """Under the kernel lock: point `current` at `version` (None: the one before it, 0: the bare base)."""
+    name = files.kernel
     with files.locked():
         current = files.current()
         on_disk = files.versions()
@@ -144,14 +159,7 @@ async def rollback_kernel(
                 kept = ", ".join(f"v{v}" for v in on_disk) or "none"
                 raise ToolError(f"kernel {name!r} has no version v{target} on disk (kept: {kept})")
         files.switch(target)
-    await state.store.versions.mark_deployed(name, target)
-    await state.notifier.updated(kernel_uri(name))
-    return RollbackResult(
-        kernel=name,
-        from_version=k.deployed_version,
-        to_version=target,
-        message=f"{name} now serves {_vname(target)}; the model host follows within a second",
-    )
+    return target
 
 
 def _vname(version: int | None) -> str:

@@ -117,11 +117,9 @@ def _progress_line(run: Run) -> str:
 async def cancel_training(
     run_id: Annotated[RunId, Field(description="The run to cancel.")], ctx: Context[AppState]
 ) -> RunView:
-    """Cancel a run: at once if the worker has not started it, otherwise at the worker's next step."""
+    """Cancel a run: at once if no worker has it (one whose worker is gone is ended here), otherwise the worker
+    stops within seconds in any phase. A run whose deploy has already committed cannot be cancelled."""
     state = state_of(ctx)
-    run = await state.store.runs.get(run_id)
-    if not run.active:
-        raise ToolError(f"run {run_id} already ended as {run.status}; nothing to cancel")
-    run = await state.dispatcher.cancel(run)
+    run = await state.dispatcher.cancel(check_run_id(run_id))
     await state.notifier.updated(run_uri(run.id), kernel_uri(run.kernel))
     return await run_view(state, run)

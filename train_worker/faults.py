@@ -1,0 +1,48 @@
+"""Fault injection for the fault suite (tests/test_faults.py, bench/faults.py); inert unless asked for.
+
+`ENGRAIN_FAULT=<action>:<point>` makes the worker misbehave at one named point of a run:
+- `pause`: announce the point (the file `$ENGRAIN_FAULT_READY`, if set) and wait there, as if that phase
+  took long, until a stop is requested (SIGTERM, a cancel); then go on, so the phase's own stop
+  handling runs. A test kills or signals the worker while it waits.
+- `kill`: the process SIGKILLs itself at the point: a crash exactly between two writes.
+- `enospc`: raise `OSError(ENOSPC)` there, as a full disk would.
+
+Points, in run order: `claim` (marker written, request not yet renamed), `claimed`, `stopping_host`,
+`loading`, `baseline`, `training`, `evaluating`, `deploying` (deploy committed, version not written),
+`switch` (version installed, `current` not switched), `result` (result.json written, inbox copy not),
+`finishing` (inbox copy written, marker not removed).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+from learning import interrupt
+
+ENV = "ENGRAIN_FAULT"
+READY_ENV = "ENGRAIN_FAULT_READY"
+PAUSE_LIMIT_S = 600.0  # a forgotten pause must not hold a worker forever
+
+
+def point(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    action, _, where = spec.partition(":")
+    if where != name:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
+    elif action == "pause":
+        ready = os.environ.get(READY_ENV)
+        if ready:
+            Path(ready).write_text(f"{name} {os.getpid()}\n")
+        deadline = time.monotonic() + PAUSE_LIMIT_S
+        while interrupt.requested() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
