@@ -2,8 +2,8 @@
 
 `ENGRAIN_FAULT=<action>:<point>` makes the worker misbehave at one named point of a run:
 - `pause`: announce the point (the file `$ENGRAIN_FAULT_READY`, if set) and wait there, as if that phase
-  took long, until a stop is requested (SIGTERM, a cancel); then go on, so the phase's own stop
-  handling runs. A test kills or signals the worker while it waits.
+  took long, until a stop is requested (SIGTERM, a cancel) or the announcement file is removed; then go
+  on, so the phase's own stop handling runs. A test kills, signals or cancels while it waits.
 - `kill`: the process SIGKILLs itself at the point: a crash exactly between two writes.
 - `enospc`: raise `OSError(ENOSPC)` there, as a full disk would.
 
@@ -40,9 +40,9 @@ def point(name: str) -> None:
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
     elif action == "pause":
-        ready = os.environ.get(READY_ENV)
-        if ready:
-            Path(ready).write_text(f"{name} {os.getpid()}\n")
+        ready = Path(os.environ.get(READY_ENV) or os.devnull)
+        if ready != Path(os.devnull):
+            ready.write_text(f"{name} {os.getpid()}\n")
         deadline = time.monotonic() + PAUSE_LIMIT_S
-        while interrupt.requested() is None and time.monotonic() < deadline:
+        while interrupt.requested() is None and time.monotonic() < deadline and ready.exists():
             time.sleep(0.02)

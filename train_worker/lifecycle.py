@@ -236,6 +236,7 @@ def resumable(layout: Layout) -> list[str]:
             continue
         if not files.claimed():
             if pending_run_id(layout) == files.run_id:
+                files.dir.mkdir(parents=True, exist_ok=True)
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(layout.pending, files.request)  # finish the interrupted claim
             if not files.claimed():

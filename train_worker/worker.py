@@ -239,8 +239,13 @@ class Worker:
                 quarantine(files.request, self.layout.quarantine, str(exc))
             self._finish(run_id, None, "failed", started, error=f"the claimed request is unreadable: {exc}")
             return
-        if files.deploy_committed() and self._resume_deploy(files, request, started):
-            return
+        if files.deploy_committed():
+            events.emit(
+                "resumed", message=f"attempt {state.attempts}: a deploy was committed when the last worker died"
+            )
+            if self._resume_deploy(files, request, started):
+                events.emit("finished", message="the committed deploy is complete")
+                return
         # Graceful stops (SIGTERM, checkpointed) do not count: only workers that died on the run do.
         crashes = state.attempts - 1 - state.interruptions
         if crashes >= self.settings.max_resume_attempts:
@@ -333,6 +338,7 @@ class Worker:
     def _train_and_deploy(
         self, request: TrainRequest, items: list[BatchItem], files: RunFiles, events: EventLog
     ) -> dict[str, Any]:
+        interrupt.check()  # importing torch takes seconds: not for a run that is already told to stop
         # Deferred: torch and transformers load only once a run really starts.
         from learning.anchors import baseline_path
         from learning.model_loading import ensure_base_model
