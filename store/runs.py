@@ -46,7 +46,7 @@ class Runs:
     async def get(self, run_id: str) -> Run:
         run = await self.find(run_id)
         if run is None:
-            raise NotFound(f"no run with id {run_id!r}; list a kernel's runs with training_status(kernel=...)")
+            raise NotFound(f"no run with run_id {run_id!r}; list a kernel's runs with training_status(kernel=...)")
         return run
 
     async def active_for_kernel(self, kernel: str) -> Run | None:

@@ -331,9 +331,9 @@ async def test_results_that_arrived_while_the_server_was_down_are_picked_up(sett
 
 async def test_unknown_and_malformed_run_ids(connect: Any) -> None:
     async with connect() as client:
-        assert "no run with id" in await error(client, "training_status", run_id="r-20261123T200000-000000")
+        assert "no run with run_id" in await error(client, "training_status", run_id="r-20261123T200000-000000")
         assert "invalid run id" in await error(client, "training_status", run_id="../../x")
-        assert "no run with id" in await error(client, "cancel_training", run_id="r-20261123T200000-000000")
+        assert "no run with run_id" in await error(client, "cancel_training", run_id="r-20261123T200000-000000")
 
 
 async def test_cancel_a_requested_run_withdraws_its_request(connect: Any, settings: Settings) -> None:

@@ -169,7 +169,7 @@ async def test_unknown_ids_raise_not_found_with_guidance(open_store: Any) -> Non
     store = await open_store()
     with pytest.raises(NotFound, match="create it with create_kernel"):
         await store.kernels.get("nope")
-    with pytest.raises(NotFound, match="no run with id"):
+    with pytest.raises(NotFound, match="no run with run_id"):
         await store.runs.get("r-20261123T200000-dddddd")
     with pytest.raises(NotFound, match="query_id"):
         await store.interactions.get(42)

@@ -28,13 +28,18 @@ READY_ENV = "ENGRAIN_FAULT_READY"
 PAUSE_LIMIT_S = 600.0  # a forgotten pause must not hold a worker forever
 
 
+_fired: set[str] = set()
+
+
 def point(name: str) -> None:
+    """Misbehave here if `ENGRAIN_FAULT` names this point; only the first time a process reaches it."""
     spec = os.environ.get(ENV)
     if not spec:
         return
     action, _, where = spec.partition(":")
-    if where != name:
+    if where != name or name in _fired:
         return
+    _fired.add(name)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":

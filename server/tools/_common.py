@@ -9,7 +9,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from server.dispatch import NothingToTrain
 from server.host_client import HostError, HostUnavailable
@@ -20,6 +20,7 @@ from server.state import AppState
 from store.errors import StoreError
 from store.models import Kernel, Run
 from train_worker.deploy import DeployError
+from train_worker.locks import LockFileError
 from train_worker.protocol import Gate, check_kernel_name
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,46 @@ def tool(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            for name, value in kwargs.items():
+                if not isinstance(value, Context):
+                    _check_unicode(name, value)
             return await fn(*args, **kwargs)
-        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain) as exc:
+        except ToolError:
+            raise
+        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain, LockFileError) as exc:
             raise ToolError(str(exc)) from exc
+        except Exception as exc:
+            # A bug, not bad input: the agent still gets words (the SDK would send none), the log the trace.
+            log.exception("internal error in %s", fn.__name__)
+            raise ToolError(
+                f"internal error in {fn.__name__} ({type(exc).__name__}: {exc}); the server log has the details"
+            ) from exc
 
     TOOLS.append(wrapper)
     return wrapper
+
+
+def _check_unicode(where: str, value: Any) -> None:
+    """Text must be storable UTF-8: a lone surrogate (valid in JSON escapes, not in UTF-8) is refused by name."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ToolError(
+                f"{where} contains an unpaired surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}; "
+                "send valid Unicode text"
+            ) from exc
+        if "\x00" in value:
+            raise ToolError(f"{where} contains a NUL character at {value.index(chr(0))}; remove it")
+    elif isinstance(value, BaseModel):
+        _check_unicode(where, value.model_dump())
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(f"{where}.{key}", key)
+            _check_unicode(f"{where}.{key}", item)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_unicode(f"{where}[{i}]", item)
 
 
 def state_of(ctx: Context[AppState]) -> AppState:
