@@ -7,6 +7,9 @@
 - `kill`: the process SIGKILLs itself at the point: a crash exactly between two writes.
 - `enospc`: raise `OSError(ENOSPC)` there, as a full disk would.
 
+A fault fires once per process; with `ENGRAIN_FAULT_ONCE=<file>` it fires only while that file does not
+exist, and creates it, so a watcher that passes the fault on to every worker it starts only hurts the first.
+
 Points, in run order: `claim` (marker written, request not yet renamed), `claimed`, `stopping_host`,
 `loading`, `baseline`, `training`, `evaluating`, `deploying` (deploy committed, version not written),
 `switch` (version installed, `current` not switched), `result` (result.json written, inbox copy not),
@@ -25,6 +28,7 @@ from learning import interrupt
 
 ENV = "ENGRAIN_FAULT"
 READY_ENV = "ENGRAIN_FAULT_READY"
+ONCE_ENV = "ENGRAIN_FAULT_ONCE"
 PAUSE_LIMIT_S = 600.0  # a forgotten pause must not hold a worker forever
 
 
@@ -40,6 +44,12 @@ def point(name: str) -> None:
     if where != name or name in _fired:
         return
     _fired.add(name)
+    once = os.environ.get(ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":
