@@ -54,6 +54,19 @@ def unit_dir(user: bool) -> Path:
     return Path.home() / ".config" / "systemd" / "user" if user else Path("/etc/systemd/system")
 
 
+def installed_home(folder: Path) -> Path | None:
+    """The ENGRAIN_HOME the host unit already installed in `folder` serves, if any."""
+    unit = folder / "engrain-host.service"
+    try:
+        text = unit.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Environment=ENGRAIN_HOME="):
+            return Path(line.split("=", 2)[2]).expanduser().resolve()
+    return None
+
+
 def install(settings: Settings, *, user: bool, dry_run: bool, target: Path | None, enable: bool) -> int:
     units = render(settings, user=user)
     if dry_run:
@@ -61,6 +74,17 @@ def install(settings: Settings, *, user: bool, dry_run: bool, target: Path | Non
             print(f"# {name}\n{text}")
         return 0
     folder = target or unit_dir(user)
+    other = installed_home(folder)
+    if other is not None and other != settings.layout.home:
+        log.error(
+            "the engrain units in %s serve the home %s; installing them for %s would take them over (the unit names "
+            "are fixed). Disable and remove those units first, or run this home without systemd "
+            "(ENGRAIN_HOST_CONTROLLER=lease and `engrain up`).",
+            folder,
+            other,
+            settings.layout.home,
+        )
+        return 1
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in units.items():
         (folder / name).write_text(text)

@@ -179,3 +179,41 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def test_installing_units_for_a_second_home_is_refused_with_the_reason(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from server.systemd_units import install
+
+    folder = tmp_path / "units"
+    assert install(settings, user=True, dry_run=False, target=folder, enable=False) == 0
+    other = Settings(home=tmp_path / "other-home")
+    assert install(other, user=True, dry_run=False, target=folder, enable=False) == 1
+    assert "serve the home" in caplog.text and str(settings.layout.home) in caplog.text
+    assert f"ENGRAIN_HOME={settings.layout.home}" in (folder / "engrain-host.service").read_text()
+    assert install(settings, user=True, dry_run=False, target=folder, enable=False) == 0  # the same home: fine
+
+
+def test_a_worker_leaves_another_homes_host_unit_alone(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With systemd, home B's worker used to stop home A's host unit."""
+    import stat
+
+    from train_worker.host_control import SystemdHost
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    script = fake / "systemctl"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'case "$*" in *show*) echo "ENGRAIN_HOME=/somewhere/else HF_HUB_OFFLINE=1";; esac\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    action = SystemdHost(user=True, home=settings.layout.home).stop()
+    assert action == "left_alone"
+    assert "stop" not in calls.read_text().split()

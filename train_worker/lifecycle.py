@@ -201,7 +201,7 @@ def claim(layout: Layout) -> Claim | None:
                     layout,
                     RunResult(
                         run_id=run_id,
-                        kernel=kernel or _kernel_of(layout, run_id),
+                        kernel=kernel or kernel_of(layout, run_id),
                         status="failed",
                         finished_at=datetime.now(UTC),
                         error=f"the worker refused the run's request and quarantined it as {moved.name}: {exc}",
@@ -383,7 +383,8 @@ def _ids(raw: object) -> tuple[str | None, str | None]:
     return run_id, kernel
 
 
-def _kernel_of(layout: Layout, run_id: str) -> str:
+def kernel_of(layout: Layout, run_id: str) -> str:
+    """The kernel a run folder belongs to, from its manifest (for a run whose request is unreadable)."""
     from train_worker.protocol import BatchManifest
 
     try:

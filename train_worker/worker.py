@@ -584,7 +584,7 @@ class Worker:
     def _finish(self, run_id: str, kernel: str | None, status: ResultStatus, started: datetime, **fields: Any) -> None:
         """Write the result (the run folder's copy, then the server's inbox) and release the claim."""
         if kernel is None:  # the request itself was unreadable
-            kernel = lifecycle._kernel_of(self.layout, run_id)
+            kernel = lifecycle.kernel_of(self.layout, run_id)
         fields.setdefault("finished_at", datetime.now(UTC))
         self._publish(RunResult(run_id=run_id, kernel=kernel, status=status, started_at=started, **fields))
 
