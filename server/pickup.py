@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -11,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -247,11 +246,11 @@ class Watcher:
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
         self._wake = anyio.Event()
-        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, pickup: Pickup, *, interval: float = 5.0) -> None:
         """Sweep at start (results that landed while we were down), on every file event, and every `interval`."""
-        self._token = anyio.lowlevel.current_token()
+        self._loop = asyncio.get_running_loop()
         observer = Observer()
         handler = _Handler(self._poke)
         for folder in (self._layout.requests, self._layout.results, self._layout.runs):
@@ -270,13 +269,21 @@ class Watcher:
                 # Let a burst of file events settle into one sweep.
                 await anyio.sleep(0.05)
         finally:
-            observer.stop()
-            await anyio.to_thread.run_sync(observer.join, 2.0)
+            self._loop = None
+            # Off the loop: stopping waits for the observer's thread, which may be delivering an event.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(observer.stop)
+                await anyio.to_thread.run_sync(observer.join, 2.0)
 
     def _poke(self) -> None:
-        if self._token is not None:
+        """Called on watchdog's thread: schedule the wake-up and return, never wait for the loop."""
+        loop = self._loop
+        if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: we are shutting down
-                anyio.from_thread.run_sync(self._wake.set, token=self._token)
+                loop.call_soon_threadsafe(self._set_wake)
+
+    def _set_wake(self) -> None:
+        self._wake.set()
 
 
 class _Handler(FileSystemEventHandler):

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,12 @@ async def test_stdio_subprocess_serves_tools_and_never_imports_torch(home: Path,
     assert (home / "requests" / "pending.json").exists()
 
 
-@pytest.fixture
-def http_server(home: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+@contextmanager
+def _serve_http(home: Path, tmp_path: Path, *extra: str) -> Iterator[tuple[str, str]]:
     port = free_port()
     log = (tmp_path / "http.log").open("w")
     proc = subprocess.Popen(
-        [ENGRAIN, "serve", "--http", "--port", str(port)],
+        [ENGRAIN, "serve", "--http", "--port", str(port), *(a.replace("PORT", str(port)) for a in extra)],
         env={**os.environ, **_env(home)},
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -79,6 +80,28 @@ def http_server(home: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def http_server(home: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    with _serve_http(home, tmp_path) as served:
+        yield served
+
+
+def test_allowed_host_adds_to_the_loopback_names(home: Path, tmp_path: Path) -> None:
+    """--allowed-host used to replace the loopback defaults, so 127.0.0.1 itself was refused (421)."""
+    with _serve_http(home, tmp_path, "--allowed-host", "engrain.lan:PORT") as (url, token):
+        port = url.split(":")[2].split("/")[0]
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+        headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {token}"}
+
+        def status(host: str) -> int:
+            return httpx.post(url, json=body, headers={**headers, "Host": host}).status_code
+
+        assert status(f"127.0.0.1:{port}") != 421
+        assert status(f"localhost:{port}") != 421
+        assert status(f"engrain.lan:{port}") != 421
+        assert status(f"evil.example:{port}") == 421
 
 
 def test_http_requires_the_bearer_token(http_server: tuple[str, str]) -> None:

@@ -76,15 +76,16 @@ class Settings(BaseSettings):
     keep_versions: int = Field(
         default=10,
         ge=1,
+        le=100_000,
         description="Newest adapter versions kept per kernel; the deployed one, its rollback target and "
         "converged versions are kept on top of these.",
     )
-    max_resume_attempts: int = Field(default=3, ge=1, description="Restarts of a run whose worker died.")
-    max_prompt_chars: int = Field(default=8000, ge=1)
-    max_response_chars: int = Field(default=16000, ge=1)
-    max_system_chars: int = Field(default=4000, ge=1)
-    max_batch_items: int = Field(default=1000, ge=1)
-    torch_threads: int | None = Field(default=None, ge=1, description="Unset: one per physical core.")
+    max_resume_attempts: int = Field(default=3, ge=1, le=1000, description="Restarts of a run whose worker died.")
+    max_prompt_chars: int = Field(default=8000, ge=1, le=10_000_000)
+    max_response_chars: int = Field(default=16000, ge=1, le=10_000_000)
+    max_system_chars: int = Field(default=4000, ge=1, le=10_000_000)
+    max_batch_items: int = Field(default=1000, ge=1, le=1_000_000)
+    torch_threads: int | None = Field(default=None, ge=1, le=4096, description="Unset: one per physical core.")
     device: Literal["cpu", "cuda", "auto"] = Field(
         default="cpu",
         description="Where the worker trains and the host serves: cpu, cuda (an error when CUDA is not "
