@@ -689,7 +689,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             elif row == "fuzz":
                 await suite.fuzz(args.fuzz_examples)
             elif row == "record":
-                await suite.record_load()
+                await suite.record_load(each=args.records)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -709,8 +709,9 @@ def main() -> None:
     rows = ["kill", "sigterm", "torn", "corrupt", "race", "homes", "enospc", "fuzz", "record"]
     parser.add_argument("--rows", nargs="+", default=rows, choices=rows)
     parser.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
-    parser.add_argument("--trials", type=int, default=5, help="trials per phase for kill (sigterm uses min(3, this))")
+    parser.add_argument("--trials", type=int, default=5, help="trials per phase for kill and per torn point")
     parser.add_argument("--fuzz-examples", type=int, default=1000)
+    parser.add_argument("--records", type=int, default=1000, help="records per client in the record row")
     parser.add_argument("--controller", default="lease", choices=["lease", "http"])
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, homes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
