@@ -15,9 +15,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
+from host.client import HostClient
 from server.autotrain import AutoTrainer
 from server.dispatch import Dispatcher
-from server.host_client import HostClient
 from server.kernel_config import KernelConfig
 from server.notify import Notifier, install_legacy_subscriptions
 from server.pickup import Pickup, Watcher

@@ -14,10 +14,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from starlette.testclient import TestClient
 
+from host.app import create_app
+from host.engine import Engine, Job
+from host.transformers_backend import TransformersBackend
 from learning.formatting import encode_prompt
 from learning.generate import generate_ids
 from learning.model_loading import load_base
-from server.host import Engine, Job, create_app
 from train_worker.deploy import KernelFiles
 from train_worker.protocol import VersionMeta, write_model
 from train_worker.settings import Settings
@@ -65,7 +67,8 @@ def reference(model_dir: Path, adapter: Path | None, prompts: list[str], tokens:
 @pytest.fixture
 def engine(tiny_env: dict[str, str]) -> Iterator[Engine]:
     torch.set_num_threads(1)
-    engine = Engine(Settings())
+    settings = Settings()
+    engine = Engine(settings, TransformersBackend(settings))
     engine.start()
     engine.ready.wait(60)
     assert engine.status == "ok"
@@ -77,8 +80,9 @@ def test_a_cuda_host_without_cuda_fails_to_load_and_logs_why(
     tiny_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    caplog.set_level(logging.ERROR, logger="server.host")
-    engine = Engine(Settings(device="cuda"))
+    caplog.set_level(logging.ERROR, logger="host")
+    settings = Settings(device="cuda")
+    engine = Engine(settings, TransformersBackend(settings))
     engine.start()
     try:
         assert engine.ready.wait(60)
@@ -97,7 +101,7 @@ def ask(engine: Engine, kernel: str, prompts: list[str], tokens: int = 12) -> li
 def test_versions_follow_current_and_a_hot_swap_equals_a_fresh_load(
     engine: Engine, tiny_base: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.host")
+    caplog.set_level(logging.INFO, logger="host")
     model_dir, _ = tiny_base
     settings = engine.settings
     base_answers = reference(model_dir, None, PROMPTS)

@@ -9,7 +9,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
-from server.host_client import HostUnavailable
+from host.client import HostUnavailable
 from server.limits import check_text
 from server.outputs import QueryResult
 from server.state import AppState

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from pydantic import ValidationError
 
-from server.host_api import ChatMessage, ChatRequest, ChatResponse, Health
+from host.api import ChatMessage, ChatRequest, ChatResponse, Health
 
 
 class HostUnavailable(Exception):
