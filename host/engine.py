@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from host.backend import Backend, Sequence
-from train_worker.deploy import KernelFiles
+from train_worker.deploy import DeployError, KernelFiles
+from train_worker.protocol import ProtocolError, TrainingLease, read_events
 from train_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,26 @@ MAX_BATCH = 16
 
 
 class Unavailable(Exception):
-    pass
+    """The host is not serving now (unloaded for training, loading, or failed to load)."""
+
+
+class KernelUnservable(Exception):
+    """A kernel's deployed version cannot be served by this host; refused until `current` moves."""
+
+    status = 500
+    code = "kernel_unservable"
+
+
+class BaseMismatch(KernelUnservable):
+    status = 409
+    code = "base_model_mismatch"
+
+
+def base_key(spec: str | None) -> str:
+    """One spelling of a base model: 'embedded', or a resolved absolute path."""
+    if spec is None or spec == "embedded":
+        return "embedded"
+    return str(Path(spec).expanduser().resolve())
 
 
 @dataclass
@@ -57,7 +78,11 @@ class Engine:
         self.base_name = settings.base_model or "embedded"
         self._queue: queue.Queue[Job | Command] = queue.Queue()
         self._resident: dict[str, int] = {}  # kernel -> version whose adapter the backend holds
+        self._refused: dict[str, tuple[int, KernelUnservable]] = {}  # kernel -> (version, why), not retried
         self.last_deploy_ms: float | None = None
+        # The live training lease the host is unloaded for (set by the lease watcher), and who unloaded it.
+        self.lease: TrainingLease | None = None
+        self.unloaded_by: Literal["lease", "admin"] | None = None
         self._thread = threading.Thread(target=self._loop, name="engrain-engine", daemon=True)
         self.stopped = threading.Event()
 
@@ -67,9 +92,14 @@ class Engine:
 
     # -- public, thread-safe -------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, load: bool = True) -> None:
+        """Start the engine thread and load the base, or (`load=False`: a training run holds the memory) wait."""
         self._thread.start()
-        self.call(self._first_load)
+        if load:
+            self.call(self._first_load)
+        else:
+            self.status, self.unloaded_by = "unloaded", "lease"
+            self.ready.set()
 
     def _first_load(self) -> None:
         try:
@@ -99,7 +129,31 @@ class Engine:
         return dict(self._resident)
 
     def deployed_version(self, kernel: str) -> int | None:
-        return KernelFiles(self.layout, kernel).current()
+        files = KernelFiles(self.layout, kernel)
+        try:
+            return files.current()
+        except OSError as exc:  # `current` is a regular file or a folder, not the link deploys write
+            raise DeployError(
+                f"{files.current_link} is not a link to a version folder ({exc.strerror}); rollback_kernel rewrites it"
+            ) from exc
+
+    def unavailable_reason(self) -> str:
+        """Why queries get 503 now, with when it should end where that is known."""
+        if self.status == "loading":
+            return "the model host is loading its base model; try again in a few seconds"
+        if self.status == "failed":
+            return "the model host failed to load its base model; see its log (it retries by itself)"
+        lease = self.lease
+        if self.unloaded_by == "lease" and lease is not None:
+            return (
+                f"the model host is unloaded while training run {lease.run_id or '(unnamed)'} uses the memory"
+                f"{_run_progress(self.layout.run_dir(lease.run_id) if lease.run_id else None)}; "
+                "it reloads itself when the run ends"
+            )
+        return (
+            "the model host was unloaded (POST /admin/unload) to free memory for training; "
+            "it comes back with POST /admin/reload"
+        )
 
     # -- engine thread -------------------------------------------------------------------------
 
@@ -132,19 +186,27 @@ class Engine:
         started = time.perf_counter()
         self.status = "loading"
         self._resident.clear()
+        self._refused.clear()
         name = self.backend.load()
         self.status = "ok"
         log.info("host ready with %s (%s) in %.1f s", name, self.backend.name, time.perf_counter() - started)
 
-    def unload(self) -> None:
-        self.backend.unload()
-        self._resident.clear()
-        self.status = "unloaded"
-        log.info("unloaded the model to free memory for training")
+    def unload(self, by: Literal["lease", "admin"] = "admin") -> None:
+        if self.status != "unloaded":
+            self.backend.unload()
+            self._resident.clear()
+            self.status = "unloaded"
+            log.info("unloaded the model to free memory for training (%s)", by)
+        self.unloaded_by = by
 
     def reload(self) -> None:
         if self.status != "ok":
-            self._load()
+            try:
+                self._load()
+            except Exception:
+                self.status = "failed"
+                raise
+        self.unloaded_by = None
 
     def sync(self, kernel: str) -> int | None:
         """Make the kernel's resident adapter match `current`; return the version it now serves."""
@@ -156,13 +218,42 @@ class Engine:
             self.backend.detach(kernel)
             del self._resident[kernel]
             return None
-        folder = KernelFiles(self.layout, kernel).version_dir(version)
+        refused = self._refused.get(kernel)
+        if refused is not None and refused[0] == version:
+            raise refused[1]
+        files = KernelFiles(self.layout, kernel)
         started = time.perf_counter()
-        how = self.backend.attach(kernel, version, folder)
+        try:
+            self._check_base(files, version)
+            how = self.backend.attach(kernel, version, files.version_dir(version))
+        except Exception as exc:
+            why = (
+                exc
+                if isinstance(exc, KernelUnservable)
+                else KernelUnservable(f"kernel {kernel!r} v{version} cannot be served: {exc}")
+            )
+            self._refused[kernel] = (version, why)
+            if kernel in self._resident:  # a failed swap may have left the old adapter half-replaced
+                self._resident.pop(kernel)
+                self.backend.detach(kernel)
+            raise why from exc
+        self._refused.pop(kernel, None)
         self._resident[kernel] = version
         self.last_deploy_ms = (time.perf_counter() - started) * 1e3
         log.info("kernel %s now serves v%d (%s in %.0f ms)", kernel, version, how, self.last_deploy_ms)
         return version
+
+    def _check_base(self, files: KernelFiles, version: int) -> None:
+        try:
+            trained_on = files.meta(version).base_model
+        except ProtocolError as exc:
+            raise KernelUnservable(f"kernel {files.kernel!r} v{version} has no readable meta.json: {exc}") from exc
+        if base_key(trained_on) != base_key(self.settings.base_model):
+            raise BaseMismatch(
+                f"kernel {files.kernel!r} v{version} was trained on base model {trained_on!r}, but this host serves "
+                f"{self.base_name!r}; serve it from a host with ENGRAIN_BASE_MODEL={trained_on} (its own "
+                "ENGRAIN_HOME), or roll the kernel back to a version of this base"
+            )
 
     def _generate(self, kernel: str, jobs: list[Job]) -> None:
         outputs: list[list[int]] = [[] for _ in jobs]
@@ -177,9 +268,7 @@ class Engine:
 
         try:
             if self.status != "ok":
-                raise Unavailable(
-                    "the model host is unloaded while a training run uses the memory; it comes back when the run ends"
-                )
+                raise Unavailable(self.unavailable_reason())
             version = self.sync(kernel)
             sequences = [
                 Sequence(j.prompt_ids, j.max_new_tokens, collector(out, j.max_new_tokens))
@@ -192,6 +281,22 @@ class Engine:
             return
         for job, tokens in zip(jobs, outputs, strict=True):
             job.future.set_result((tokens, version))
+
+
+def _run_progress(run_dir: Path | None) -> str:
+    """' (phase training, 40% done, about 95 s left)' from the run's last progress event, or ''."""
+    if run_dir is None:
+        return ""
+    events, _, _ = read_events(run_dir / "events.jsonl", 0)
+    if not events:
+        return ""
+    last = events[-1]
+    parts = [f"phase {last.phase}"]
+    if last.progress is not None:
+        parts.append(f"{last.progress:.0%} done")
+    if last.eta_s is not None:
+        parts.append(f"about {last.eta_s:.0f} s left")
+    return " (" + ", ".join(parts) + ")"
 
 
 def _complete(future: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:

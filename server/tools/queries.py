@@ -31,11 +31,13 @@ async def query_kernel(
     await state.store.kernels.get(name)
     check_text("prompt", prompt, state.settings.max_prompt_chars, "ENGRAIN_MAX_PROMPT_CHARS")
     check_text("system", system, state.settings.max_system_chars, "ENGRAIN_MAX_SYSTEM_CHARS", required=False)
+    # The host knows a kernel by its folder; one never trained has none yet, and answers with the base.
+    state.layout.kernel_dir(name).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         reply = await state.host.chat(name, prompt, system, max_new_tokens)
     except HostUnavailable as exc:
-        if "not reachable" in str(exc) and host_lock(state.layout.locks).held_elsewhere():
+        if exc.not_running and host_lock(state.layout.locks).held_elsewhere():
             # A host process holds its lock but does not answer yet: it is still loading the base model.
             raise ToolError(
                 "the model host is starting (loading the base model; the very first start also caches the "
