@@ -1,13 +1,17 @@
 """The engine: one thread owns the backend; requests that arrive together are batched per kernel.
 
 - Every backend call happens on the engine thread, never on the event loop.
-- Decoding is memory-bound, so a batch of 8 costs little more than one request.
+- Concurrent requests for one kernel share decoding steps, streamed ones included; a backend that can
+  (llama.cpp) also takes requests that arrive while a batch runs. Commands (unload, a version swap) and
+  other kernels' requests wait for the batch in flight, which then takes no newcomers.
+- Each request's tokens become text here (`TextStream`): stop sequences, finish reasons, streaming.
 - Which version each kernel serves follows `kernels/<name>/current`; the engine asks the backend to
   attach, swap or drop adapters accordingly, never reloading the base for a deploy.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from host.backend import Backend, Sequence
+from host.sampling import GREEDY, Sampling
+from host.textstream import TextStream
 from train_worker.deploy import DeployError, KernelFiles
 from train_worker.protocol import ProtocolError, TrainingLease, read_events
 from train_worker.settings import Settings
@@ -53,11 +59,24 @@ def base_key(spec: str | None) -> str:
 
 
 @dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    version: int | None  # the kernel's adapter version that answered; None: the bare base
+
+
+@dataclass
 class Job:
     kernel: str
     prompt_ids: list[int]
     max_new_tokens: int
-    future: concurrent.futures.Future[tuple[list[int], int | None]] = field(default_factory=concurrent.futures.Future)
+    sampling: Sampling = GREEDY
+    stop: list[str] = field(default_factory=list)
+    # Called on the engine thread with each piece of text as it is released (streaming), then not again.
+    on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+    future: concurrent.futures.Future[Completion] = field(default_factory=concurrent.futures.Future)
 
 
 @dataclass
@@ -77,6 +96,7 @@ class Engine:
         self.ready = threading.Event()  # set once the first load finished, well or not
         self.base_name = settings.base_model or "embedded"
         self._queue: queue.Queue[Job | Command] = queue.Queue()
+        self._pending: collections.deque[Job | Command] = collections.deque()  # taken, to run after this batch
         self._resident: dict[str, int] = {}  # kernel -> version whose adapter the backend holds
         self._refused: dict[str, tuple[int, KernelUnservable]] = {}  # kernel -> (version, why), not retried
         self.last_deploy_ms: float | None = None
@@ -116,7 +136,7 @@ class Engine:
         self._queue.put(Command(lambda: None))
         self._thread.join(10)
 
-    def submit(self, job: Job) -> concurrent.futures.Future[tuple[list[int], int | None]]:
+    def submit(self, job: Job) -> concurrent.futures.Future[Completion]:
         self._queue.put(job)
         return job.future
 
@@ -157,23 +177,29 @@ class Engine:
 
     # -- engine thread -------------------------------------------------------------------------
 
+    def _take(self, timeout: float | None) -> Job | Command | None:
+        if self._pending:
+            return self._pending.popleft()
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     def _loop(self) -> None:
-        carry: Job | Command | None = None
         while not self.stopped.is_set():
-            item = carry or self._queue.get()
-            carry = None
+            item = self._take(None)
             if isinstance(item, Command):
                 _complete(item.future, item.fn)
                 continue
+            assert item is not None
             jobs = [item]
             deadline = time.monotonic() + GATHER_SECONDS
             while len(jobs) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+                nxt = self._take(max(0.0, deadline - time.monotonic()))
+                if nxt is None:
                     break
                 if isinstance(nxt, Command):
-                    carry = nxt  # commands run after this batch, in arrival order
+                    self._pending.appendleft(nxt)  # commands run after this batch, in arrival order
                     break
                 jobs.append(nxt)
             by_kernel: dict[str, list[Job]] = {}
@@ -181,6 +207,20 @@ class Engine:
                 by_kernel.setdefault(job.kernel, []).append(job)
             for kernel, group in by_kernel.items():
                 self._generate(kernel, group)
+
+    def _admit(self, kernel: str, room: int) -> list[Job]:
+        """Requests for `kernel` that arrived while its batch runs, unless a command or another kernel waits."""
+        admitted: list[Job] = []
+        while len(admitted) < room and not self._pending:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Job) and item.kernel == kernel:
+                admitted.append(item)
+            else:
+                self._pending.append(item)
+        return admitted
 
     def _load(self) -> None:
         started = time.perf_counter()
@@ -256,31 +296,70 @@ class Engine:
             )
 
     def _generate(self, kernel: str, jobs: list[Job]) -> None:
-        outputs: list[list[int]] = [[] for _ in jobs]
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-
-        def collector(out: list[int], limit: int) -> Callable[[int], bool]:
-            def emit(token: int) -> bool:
-                out.append(token)
-                return token != eos and len(out) < limit
-
-            return emit
-
         try:
             if self.status != "ok":
                 raise Unavailable(self.unavailable_reason())
             version = self.sync(kernel)
-            sequences = [
-                Sequence(j.prompt_ids, j.max_new_tokens, collector(out, j.max_new_tokens))
-                for j, out in zip(jobs, outputs, strict=True)
-            ]
-            self.backend.generate(kernel if version is not None else None, sequences)
         except Exception as exc:
             for job in jobs:
                 job.future.set_exception(exc)
             return
-        for job, tokens in zip(jobs, outputs, strict=True):
-            job.future.set_result((tokens, version))
+        running = [_Running(job, self.tokenizer, version) for job in jobs]
+
+        def admit() -> list[Sequence]:
+            room = MAX_BATCH - sum(1 for r in running if not r.job.future.done())
+            newcomers = [_Running(job, self.tokenizer, version) for job in self._admit(kernel, room)]
+            running.extend(newcomers)
+            return [r.sequence for r in newcomers]
+
+        try:
+            self.backend.generate(kernel if version is not None else None, [r.sequence for r in running], admit)
+        except Exception as exc:
+            log.exception("generation failed for kernel %s", kernel)
+            for r in running:
+                if not r.job.future.done():
+                    r.job.future.set_exception(exc)
+            return
+        for r in running:
+            r.finish()
+
+
+class _Running:
+    """One job inside a batch: its text stream, and the `emit` the backend calls with each token."""
+
+    def __init__(self, job: Job, tokenizer: Any, version: int | None) -> None:
+        self.job = job
+        self.version = version
+        self.stream = TextStream(tokenizer, job.stop)
+        self.eos = tokenizer.eos_token_id
+        self.finish_reason: Literal["stop", "length"] = "length"
+        self.sequence = Sequence(job.prompt_ids, job.max_new_tokens, self.emit, job.sampling)
+
+    def emit(self, token: int) -> bool:
+        if self.job.future.done():
+            return False
+        piece = self.stream.push(token)
+        if piece and self.job.on_text is not None:
+            self.job.on_text(piece)
+        if token == self.eos or self.stream.stopped:
+            self.finish_reason = "stop"
+            self.finish()
+            return False
+        if len(self.stream.tokens) >= self.job.max_new_tokens or self.job.cancelled.is_set():
+            self.finish()
+            return False
+        return True
+
+    def finish(self) -> None:
+        """Release any held-back text and resolve the job (once)."""
+        if self.job.future.done():
+            return
+        rest = self.stream.flush()
+        if rest and self.job.on_text is not None:
+            self.job.on_text(rest)
+        self.job.future.set_result(
+            Completion(list(self.stream.tokens), self.stream.text, self.finish_reason, self.version)
+        )
 
 
 def _run_progress(run_dir: Path | None) -> str:

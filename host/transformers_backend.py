@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.utils.hotswap import hotswap_adapter
+from transformers import DynamicCache
 
-from host.backend import Sequence
+from host.backend import Admit, Sequence
+from host.sampling import pick
 from learning.formatting import ensure_chat_template
-from learning.generate import generate_ids
 from learning.model_loading import ensure_base_model, load_base, model_device, setup_threads
 from train_worker.settings import Settings
 
@@ -31,6 +32,7 @@ class TransformersBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tokenizer: Any = None
+        self.context_length = 0
         self._base: Any = None
         self._model: PeftModel | None = None
         self._adapters: dict[str, str] = {}  # kernel -> peft adapter name
@@ -43,6 +45,7 @@ class TransformersBackend:
         model_dir = ensure_base_model(self.settings.base_model, self.settings.layout.models)
         self._base, self.tokenizer = load_base(model_dir, self.settings.device)
         ensure_chat_template(self.tokenizer)
+        self.context_length = int(getattr(self._base.config, "max_position_embeddings", 2048))
         self._model = None
         self._adapters.clear()
         return model_dir.name
@@ -88,21 +91,58 @@ class TransformersBackend:
             self._base = self._model.unload()
             self._model = None
 
-    def generate(self, kernel: str | None, sequences: list[Sequence]) -> None:
-        budget = max(s.max_new_tokens for s in sequences)
-        prompts = [s.prompt_ids for s in sequences]
+    def generate(self, kernel: str | None, sequences: list[Sequence], admit: Admit) -> None:
         name = self._adapters.get(kernel) if kernel is not None else None
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         if name is None:
             if self._model is not None:
                 with self._model.disable_adapter():
-                    outputs = generate_ids(self._model, self.tokenizer, prompts, max_new_tokens=budget)
+                    decode_batch(self._model, sequences, pad)
             else:
-                outputs = generate_ids(self._base, self.tokenizer, prompts, max_new_tokens=budget)
+                decode_batch(self._base, sequences, pad)
         else:
             assert self._model is not None
             self._model.set_adapter(name)
-            outputs = generate_ids(self._model, self.tokenizer, prompts, max_new_tokens=budget)
-        for sequence, tokens in zip(sequences, outputs, strict=True):
-            for token in tokens:
-                if not sequence.emit(token):
-                    break
+            decode_batch(self._model, sequences, pad)
+
+
+@torch.inference_mode()
+def decode_batch(model: Any, sequences: list[Sequence], pad: int) -> None:
+    """Decode every sequence step by step in one left-padded batch with a KV cache, the way transformers'
+    `generate` does (same positions, masks and last-token logits, so greedy answers are identical), but
+    with a sampler of its own per row and rows that leave the batch as soon as they end."""
+    device = model_device(model)
+    width = max(len(s.prompt_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
+        mask[row, width - len(sequence.prompt_ids) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    live = list(range(len(sequences)))  # indices into `sequences` of the rows still in the batch
+    counts = [0] * len(sequences)
+    next_positions = positions[:, -1:] + 1
+    while True:
+        logits = out.logits[:, -1, :].float().cpu().numpy()
+        tokens, keep = [], []
+        for row, index in enumerate(live):
+            sequence = sequences[index]
+            token = pick(logits[row], sequence.sampling, sequence.rng)
+            counts[index] += 1
+            if sequence.emit(token) and counts[index] < sequence.max_new_tokens:
+                tokens.append(token)
+                keep.append(row)
+        if not keep:
+            return
+        if len(keep) < len(live):  # finished rows leave the batch, cache and all
+            rows = torch.tensor(keep, device=device)
+            cache.batch_select_indices(rows)
+            mask, next_positions = mask[rows], next_positions[rows]
+            live = [live[row] for row in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        step = torch.tensor(tokens, device=device).unsqueeze(1)
+        out = model(input_ids=step, attention_mask=mask, position_ids=next_positions, past_key_values=cache)
+        next_positions = next_positions + 1

@@ -37,7 +37,7 @@ def test_a_cuda_host_without_cuda_fails_to_load_and_logs_why(
 def ask(engine: Engine, kernel: str, prompts: list[str], tokens: int = 12) -> list[tuple[list[int], int | None]]:
     """Submit all prompts at once (so the engine batches them) and wait for every answer."""
     futures = [engine.submit(Job(kernel, encode_prompt(engine.tokenizer, p), tokens)) for p in prompts]
-    return [f.result(60) for f in futures]
+    return [(c.tokens, c.version) for c in (f.result(60) for f in futures)]
 
 
 def test_versions_follow_current_and_a_hot_swap_equals_a_fresh_load(
@@ -87,5 +87,35 @@ def test_resident_kernels_do_not_leak_into_each_other(engine: Engine, tiny_base:
             futures.append((kernel, engine.submit(job)))
     answers: dict[str, list[list[int]]] = {"alpha": [], "beta": [], "plain": []}
     for kernel, future in futures:
-        answers[kernel].append(future.result(60)[0])
+        answers[kernel].append(future.result(60).tokens)
     assert answers == {"alpha": want_a, "beta": want_b, "plain": want_base}
+
+
+def test_concurrent_requests_share_decoding_steps_streamed_or_not(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    generate = engine.backend.generate
+
+    def counting(kernel: Any, sequences: Any, admit: Any) -> None:
+        batches.append(len(sequences))
+        generate(kernel, sequences, admit)
+
+    monkeypatch.setattr(engine.backend, "generate", counting)
+    pieces: list[list[str]] = [[], []]
+    jobs = [Job("default", encode_prompt(engine.tokenizer, p), 10) for p in PROMPTS]
+    jobs[0].on_text, jobs[1].on_text = pieces[0].append, pieces[1].append
+    jobs.append(Job("default", encode_prompt(engine.tokenizer, PROMPTS[0]), 10))
+    done = [f.result(60) for f in [engine.submit(j) for j in jobs]]
+    assert batches == [4]  # one batch, one decoding loop for all four
+    assert ["".join(p) for p in pieces] == [done[0].text, done[1].text]
+    assert done[0].tokens == done[3].tokens  # batch companions do not change a greedy answer
+
+
+def test_a_cancelled_request_leaves_the_batch(engine: Engine) -> None:
+    job = Job("default", encode_prompt(engine.tokenizer, PROMPTS[0]), 200)
+    other = Job("default", encode_prompt(engine.tokenizer, PROMPTS[1]), 30)
+    job.on_text = lambda _: job.cancelled.set()  # the client goes away after the first text
+    first, second = engine.submit(job), engine.submit(other)
+    assert len(first.result(60).tokens) < 10
+    assert second.result(60).tokens  # its companion went on

@@ -94,3 +94,78 @@ def test_long_prompts_are_refused_before_generation(engine: Engine) -> None:
     long = BODY | {"messages": [{"role": "user", "content": "a" * (limit + 10)}]}  # one token per byte here
     error = openai_error(client.post("/v1/chat/completions", json=long), 400)
     assert error["code"] == "context_length_exceeded" and str(limit) in error["message"]
+
+
+def events(response: Any) -> list[Any]:
+    """The `data:` payloads of a server-sent event stream; the last one must be [DONE]."""
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_multi_turn_conversations_are_answered(engine: Engine) -> None:
+    turns: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Code f0?"},
+        {"role": "assistant", "content": "It is zub."},
+        {"role": "user", "content": [{"type": "text", "text": "And code "}, {"type": "text", "text": "f1?"}]},
+    ]
+    reply = client_for(engine).post("/v1/chat/completions", json=BODY | {"messages": turns, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    as_template = engine.tokenizer.apply_chat_template(
+        [{"role": t["role"], "content": "And code f1?" if i == 3 else t["content"]} for i, t in enumerate(turns)],
+        tokenize=True,
+        add_generation_prompt=True,
+    )["input_ids"]
+    assert reply.json()["usage"]["prompt_tokens"] == len(as_template)
+    ends_with_assistant = turns[:3]
+    openai_error(client_for(engine).post("/v1/chat/completions", json=BODY | {"messages": ends_with_assistant}), 400)
+
+
+def test_streaming_gives_the_same_answer_piece_by_piece(engine: Engine) -> None:
+    client = client_for(engine)
+    body = BODY | {"max_tokens": 12, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    with client.stream(
+        "POST", "/v1/chat/completions", json=body | {"stream": True, "stream_options": {"include_usage": True}}
+    ) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        chunks = events(response)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as response:
+        assert all(c["usage"] is None for c in events(response))  # usage only when asked for
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True, "model": "nobody"}) as response:
+        assert response.status_code == 404  # refused before the stream starts, with a status of its own
+
+
+def test_stop_sequences_and_max_tokens(engine: Engine) -> None:
+    client = client_for(engine)
+    body = BODY | {"max_tokens": 16, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    text = whole["message"]["content"]
+    stop = next(c for c in text[1:] if c != "\ufffd")  # the random model writes arbitrary bytes
+    cut = client.post("/v1/chat/completions", json=body | {"stop": ["never-appears", stop]}).json()
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    short = client.post("/v1/chat/completions", json=body | {"max_completion_tokens": 3}).json()
+    assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
+    assert openai_error(client.post("/v1/chat/completions", json=body | {"stop": ["a", "b", "c", "d", "e"]}), 400)
+
+
+def test_a_seed_repeats_a_sample(engine: Engine) -> None:
+    client = client_for(engine)
+    body = BODY | {"max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+
+    def answer(**extra: Any) -> str:
+        return str(client.post("/v1/chat/completions", json=body | extra).json()["choices"][0]["message"]["content"])
+
+    assert answer(seed=5) == answer(seed=5)
+    assert len({answer(seed=s) for s in range(6, 10)}) > 1  # sampling, not greedy
+    assert answer(seed=5, temperature=0) == answer(temperature=0, seed=6)  # greedy ignores the seed

@@ -135,3 +135,24 @@ def test_host_json_is_removed_on_a_clean_stop(procs: Procs, settings: Settings) 
     assert read_endpoint(settings.layout) is None
     with pytest.raises(HostUnavailable, match="not running"):
         anyio.run(client(settings).chat, "default", "Hi", None, 2)
+
+
+@pytest.mark.anyio
+async def test_query_kernel_is_greedy_by_default_and_samples_on_request(procs: Procs, settings: Settings) -> None:
+    from mcp import Client
+
+    from server.app import create_server
+    from tests.test_server_tools import call, error
+
+    await anyio.to_thread.run_sync(start_host, procs, settings)
+    async with Client(create_server(settings)) as mcp:
+        ask = {"kernel": "default", "prompt": "Code f0?", "max_new_tokens": 12}
+        greedy = [await call(mcp, "query_kernel", **ask) for _ in range(2)]
+        assert greedy[0]["response"] == greedy[1]["response"]
+        sampled = [await call(mcp, "query_kernel", **ask, temperature=1.0, seed=s) for s in (7, 7, 8, 9, 10)]
+        assert sampled[0]["response"] == sampled[1]["response"]
+        assert len({s["response"] for s in sampled}) > 1
+        stopped = await call(mcp, "query_kernel", **ask, stop=[greedy[0]["response"][2:4]])
+        assert len(stopped["response"]) < len(greedy[0]["response"]) and not stopped["truncated"]
+        assert "stop" in await error(mcp, "query_kernel", **ask, stop=["a", "b", "c", "d", "e"])
+        assert "temperature" in await error(mcp, "query_kernel", **ask, temperature=-1)
