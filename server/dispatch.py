@@ -18,11 +18,11 @@ from typing import Literal
 import anyio
 from pydantic import ValidationError
 
+import train_worker.lifecycle as lifecycle
 from server.kernel_config import KernelConfig
 from store import Store
 from store.errors import Conflict, StoreError
 from store.models import Experience, Kernel, Run, RunTrigger
-from train_worker import lifecycle
 from train_worker.deploy import KernelFiles
 from train_worker.lifecycle import RunFiles
 from train_worker.locks import dispatch_lock

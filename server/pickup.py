@@ -15,11 +15,11 @@ import anyio
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+import train_worker.lifecycle as lifecycle
 from server.dispatch import Dispatcher
 from store import Store
 from store.errors import NotFound
 from store.models import ACTIVE_RUN_STATUSES, Run
-from train_worker import lifecycle
 from train_worker.deploy import DeployError, KernelFiles
 from train_worker.lifecycle import RunFiles, may_move
 from train_worker.protocol import (

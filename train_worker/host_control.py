@@ -27,8 +27,9 @@ from typing import Protocol
 import httpx
 
 from train_worker.auth_token import load_or_create_token
+from train_worker.lease import host_endpoint
 from train_worker.protocol import HostAction
-from train_worker.settings import Settings
+from train_worker.settings import Layout, Settings
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,19 @@ class HttpHost:
     name = "http"
     uses_lease = True
 
-    def __init__(self, base_url: str, token: str, timeout: float) -> None:
-        self._base = base_url.rstrip("/")
+    def __init__(self, layout: Layout, token: str, timeout: float) -> None:
+        self._layout = layout
         self._headers = {"Authorization": f"Bearer {token}"}
         self._timeout = max(timeout, 1.0)
 
+    @property
+    def _base(self) -> str | None:
+        endpoint = host_endpoint(self._layout)  # this home's host, wherever it listens now
+        return endpoint.url.rstrip("/") if endpoint is not None else None
+
     def _post(self, path: str) -> httpx.Response:
+        if self._base is None:
+            raise httpx.ConnectError(f"no host.json in {self._layout.home}: no host is running")
         return httpx.post(f"{self._base}{path}", headers=self._headers, timeout=self._timeout)
 
     def stop(self, check: Callable[[], None] = lambda: None) -> HostAction:
@@ -199,7 +207,7 @@ def controller_for(settings: Settings) -> HostController:
         return SystemdHost(settings.systemd_user, settings.layout.home)
     if kind == "http":
         token, _ = load_or_create_token(settings)
-        return HttpHost(f"http://{settings.host_address}:{settings.host_port}", token, settings.host_unload_wait_s)
+        return HttpHost(settings.layout, token, settings.host_unload_wait_s)
     if kind == "lease":
         return LeaseHost()
     return NoHost()

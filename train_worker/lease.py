@@ -107,11 +107,18 @@ def clear_dead_lease(layout: Layout) -> bool:
     return False
 
 
+def host_endpoint(layout: Layout) -> HostEndpoint | None:
+    """Where this home's host listens (`host.json`), or None when no host has said so."""
+    try:
+        return read_model(layout.host_endpoint, HostEndpoint)
+    except ProtocolError:
+        return None
+
+
 def host_status(layout: Layout, token: str, timeout: float = 2.0) -> str | None:
     """This home's host's `/health` status, or None when none answers (or one that is not ours does)."""
-    try:
-        endpoint = read_model(layout.host_endpoint, HostEndpoint)
-    except ProtocolError:
+    endpoint = host_endpoint(layout)
+    if endpoint is None:
         return None
     try:
         response = httpx.get(
