@@ -45,6 +45,7 @@ import httpx2
 from mcp import Client
 
 from server.app import create_server
+from train_worker.auth_token import load_or_create_token
 from train_worker.protocol import write_atomic
 from train_worker.settings import Settings
 
@@ -159,8 +160,11 @@ class Home:
             self.stop(proc)
 
     def health(self) -> dict[str, Any] | None:
+        token, _ = load_or_create_token(self.settings())
         try:
-            response = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1)
+            response = httpx.get(
+                f"http://127.0.0.1:{self.port}/health", headers={"Authorization": f"Bearer {token}"}, timeout=1
+            )
         except httpx.HTTPError:
             return None
         return dict(response.json()) if response.status_code == 200 else None

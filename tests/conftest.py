@@ -96,7 +96,7 @@ def tiny_env(home: Path, tiny_base: tuple[Path, Path], monkeypatch: pytest.Monke
         "ENGRAIN_BASE_MODEL": str(model_dir),
         "ENGRAIN_HOST_PORT": str(free_port()),
         "ENGRAIN_EMBEDDED_SERVICES": "false",
-        "ENGRAIN_HOST_CONTROLLER": "http",
+        "ENGRAIN_HOST_CONTROLLER": "lease",
         "HF_HUB_OFFLINE": "1",
         # The tiny model gains nothing from threads, and two-thread processes side by side spin-wait.
         "ENGRAIN_TORCH_THREADS": "1",

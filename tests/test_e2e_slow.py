@@ -56,7 +56,7 @@ def real_home(home: Path, real_caches: Path) -> Iterator[dict[str, str]]:
         "ENGRAIN_HOME": str(home),
         "ENGRAIN_HOST_PORT": str(free_port()),
         "ENGRAIN_EMBEDDED_SERVICES": "true",
-        "ENGRAIN_HOST_CONTROLLER": "http",
+        "ENGRAIN_HOST_CONTROLLER": "lease",
         "HF_HUB_OFFLINE": "1",
     }
     yield env

@@ -31,7 +31,7 @@ def _alive(pid: int | None) -> bool:
 @pytest.mark.anyio
 async def test_serve_starts_host_and_watcher_that_outlive_the_session(tiny_env: dict[str, str], tmp_path: Path) -> None:
     settings = Settings()
-    env = tiny_env | {"ENGRAIN_EMBEDDED_SERVICES": "true", "ENGRAIN_HOST_CONTROLLER": "http", "OMP_NUM_THREADS": "1"}
+    env = tiny_env | {"ENGRAIN_EMBEDDED_SERVICES": "true", "ENGRAIN_HOST_CONTROLLER": "lease", "OMP_NUM_THREADS": "1"}
     params = StdioServerParameters(command=ENGRAIN, args=["serve"], env=env)
     port = int(env["ENGRAIN_HOST_PORT"])
     host, watcher = host_lock(settings.layout.locks), watcher_lock(settings.layout.locks)

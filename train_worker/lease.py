@@ -136,17 +136,24 @@ def host_status(layout: Layout, token: str, timeout: float = 2.0) -> str | None:
     return status if isinstance(status, str) else None
 
 
-def wait_until_unloaded(
-    status: Callable[[], str | None], timeout_s: float, stop: Callable[[], None], every: float = 0.25
+UNLOADED = frozenset({None, "unloaded", "failed"})  # None: no host answers, so none holds memory
+SERVING = frozenset({None, "ok", "failed"})  # "failed": it will not come back by waiting
+
+
+def wait_for_host(
+    status: Callable[[], str | None],
+    until: frozenset[str | None],
+    timeout_s: float,
+    stop: Callable[[], None] = lambda: None,
+    every: float = 0.25,
 ) -> bool:
-    """Poll `status` until the host is unloaded or gone (True), or `timeout_s` passes (False).
+    """Poll `status` until it is one of `until` (True), or `timeout_s` passes (False).
 
     `stop` is called between polls and raises when the run must stop.
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        now = status()
-        if now is None or now in ("unloaded", "failed", "stopped"):
+        if status() in until:
             return True
         if time.monotonic() >= deadline:
             return False

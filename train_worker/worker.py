@@ -33,7 +33,7 @@ from train_worker import faults, lifecycle
 from train_worker.auth_token import load_or_create_token
 from train_worker.deploy import KernelFiles
 from train_worker.host_control import HostController, controller_for
-from train_worker.lease import Lease, clear_dead_lease, host_status, wait_until_unloaded
+from train_worker.lease import SERVING, UNLOADED, Lease, clear_dead_lease, host_status, wait_for_host
 from train_worker.lifecycle import RunFiles
 from train_worker.locks import worker_lock
 from train_worker.protocol import (
@@ -324,8 +324,8 @@ class Worker:
         state = self._save_state(state, host_action=action, host_restored=False)
         if self.controller.uses_lease and self.settings.host_unload_wait_s > 0:
             token, _ = load_or_create_token(self.settings)
-            unloaded = wait_until_unloaded(
-                lambda: host_status(self.layout, token), self.settings.host_unload_wait_s, interrupt.check
+            unloaded = wait_for_host(
+                lambda: host_status(self.layout, token), UNLOADED, self.settings.host_unload_wait_s, interrupt.check
             )
             if not unloaded:
                 log.warning(
@@ -569,7 +569,12 @@ class Worker:
         return state
 
     def restore_host(self, state: RunState, lease: Lease | None = None) -> RunState:
-        """Release the lease (the host reloads itself) and undo what the controller did."""
+        """Release the lease (the host reloads itself) and undo what the controller did.
+
+        Unless the worker is stopping, it then waits (bounded) until the host serves again, so a run that
+        is reported finished finds its kernel answering.
+        """
+        released = lease is not None and lease.held
         if lease is not None and lease.held:
             lease.release()
         restored = True
@@ -579,6 +584,11 @@ class Worker:
             except Exception:
                 log.exception("bringing the model host back failed")
                 restored = False
+        if released and not self._sigterm and self.settings.host_unload_wait_s > 0:
+            token, _ = load_or_create_token(self.settings)
+            back = wait_for_host(lambda: host_status(self.layout, token), SERVING, self.settings.host_unload_wait_s)
+            if not back:
+                log.warning("the model host has not reported itself serving again yet; it keeps reloading by itself")
         return self._save_state(state, host_restored=restored)
 
     def _finish(self, run_id: str, kernel: str | None, status: ResultStatus, started: datetime, **fields: Any) -> None:
