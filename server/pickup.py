@@ -158,6 +158,12 @@ class Pickup:
             # The inbox copy was damaged but the worker's own result.json is sound: deliver it again.
             await anyio.to_thread.run_sync(lifecycle.deliver, self._layout, files.run_id)
             return
+        if files.claimed() and original is None and files.result.exists():
+            # Both copies torn by a crash: the run is still claimed, so a worker resumes it and ends it again
+            # (a committed deploy is completed from deploy.json).
+            await anyio.to_thread.run_sync(lifecycle.rearm, self._layout, files.run_id)
+            log.warning("run %s: its result.json is torn too; it is resumed by the next worker", run.id)
+            return
         ended = await self._store.runs.finish(
             run.id, "failed", error=f"the worker's result was refused and quarantined as {stored.name}: {reason}"
         )

@@ -6,6 +6,8 @@
   on, so the phase's own stop handling runs. A test kills, signals or cancels while it waits.
 - `kill`: the process SIGKILLs itself at the point: a crash exactly between two writes.
 - `enospc`: raise `OSError(ENOSPC)` there, as a full disk would.
+- `tear`: cut the file just written there to half its length, then SIGKILL: a write torn by the crash
+  (points `result`, `finishing` and `deploying` name the file they follow).
 
 A fault fires once per process; with `ENGRAIN_FAULT_ONCE=<file>` it fires only while that file does not
 exist, and creates it, so a watcher that passes the fault on to every worker it starts only hurts the first.
@@ -35,7 +37,7 @@ PAUSE_LIMIT_S = 600.0  # a forgotten pause must not hold a worker forever
 _fired: set[str] = set()
 
 
-def point(name: str) -> None:
+def point(name: str, written: Path | None = None) -> None:
     """Misbehave here if `ENGRAIN_FAULT` names this point; only the first time a process reaches it."""
     spec = os.environ.get(ENV)
     if not spec:
@@ -50,6 +52,10 @@ def point(name: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
             return
+    if action == "tear" and written is not None:
+        data = written.read_bytes()
+        written.write_bytes(data[: len(data) // 2])
+        action = "kill"
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from train_worker.protocol import HostEndpoint, ProtocolError, TrainingLease, read_model, write_model
+from train_worker.protocol import HostEndpoint, ProtocolError, TrainingLease, quarantine, read_model, write_model
 from train_worker.settings import Layout
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class Lease:
 
     def __init__(self, layout: Layout, run_id: str | None, ttl_s: float = TTL_S, beat_s: float = BEAT_S) -> None:
         self.path = layout.lease
+        self._quarantine = layout.quarantine
         self.run_id = run_id
         self.ttl_s = ttl_s
         self.beat_s = beat_s
@@ -43,6 +44,12 @@ class Lease:
         self._acquired_at: datetime | None = None
 
     def acquire(self) -> None:
+        try:
+            read_model(self.path, TrainingLease)
+        except ProtocolError as exc:
+            if self.path.exists():  # a damaged lease (only a worker writes one, and only one works at a time)
+                moved = quarantine(self.path, self._quarantine, str(exc))
+                log.warning("quarantined a damaged training lease as %s: %s", moved.name, exc)
         self._acquired_at = datetime.now(UTC)
         self._write()
         self._stop.clear()

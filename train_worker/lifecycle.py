@@ -231,9 +231,15 @@ def resumable(layout: Layout) -> list[str]:
             log.error("ignoring stray file %s in %s", marker.name, layout.active)
             continue
         if files.ended():
-            deliver(layout, files.run_id)
-            marker.unlink(missing_ok=True)
-            continue
+            try:
+                read_model(files.result, RunResult)
+            except ProtocolError as exc:
+                # Torn by the crash that interrupted its writing: the run is resumed, and ends again.
+                quarantine(files.result, layout.quarantine, f"{exc} (the run is resumed)")
+            else:
+                deliver(layout, files.run_id)
+                marker.unlink(missing_ok=True)
+                continue
         if not files.claimed():
             if pending_run_id(layout) == files.run_id:
                 files.dir.mkdir(parents=True, exist_ok=True)
@@ -250,24 +256,24 @@ def finish(layout: Layout, result: RunResult) -> None:
     """End a run: `result.json` in its folder, then the server's inbox copy, then the marker goes."""
     files = RunFiles(layout, result.run_id)
     write_model(files.result, result)
-    faults.point("result")
+    faults.point("result", files.result)
     deliver(layout, result.run_id)
-    faults.point("finishing")
+    faults.point("finishing", files.inbox)
     files.marker.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(files.deploy)  # published: the deploy it committed is over
 
 
 def deliver(layout: Layout, run_id: str) -> bool:
-    """Put the run's `result.json` in the server's inbox unless it is there or already recorded."""
+    """Put the run's `result.json` in the server's inbox unless it is there, already recorded, or not sound."""
     files = RunFiles(layout, run_id)
     if files.inbox.exists() or files.archived.exists() or not files.ended():
         return False
     try:
-        data = files.result.read_bytes()
-    except OSError:
-        return False
-    write_atomic(files.inbox, data)
+        result = read_model(files.result, RunResult)
+    except ProtocolError:
+        return False  # torn: the next worker quarantines it and resumes the run
+    write_model(files.inbox, result)
     return True
 
 

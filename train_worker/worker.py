@@ -475,7 +475,7 @@ class Worker:
             write_model(files.deploy, committed)
             staged = kernel.versions_dir / f".v{version}.staging"
             try:
-                faults.point("deploying")
+                faults.point("deploying", files.deploy)
                 save_version(candidate, report, staged)
                 meta = VersionMeta(
                     kernel=request.kernel,
