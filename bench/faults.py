@@ -45,6 +45,7 @@ import httpx2
 from mcp import Client
 
 from server.app import create_server
+from tests.procs import free_port, wait_for
 from train_worker.auth_token import load_or_create_token
 from train_worker.protocol import write_atomic
 from train_worker.settings import Settings
@@ -73,14 +74,6 @@ LENIENT = {
 FINAL = ("deployed", "rejected", "failed", "cancelled")
 END_WITHIN_S = 60.0
 SIGTERM_TRIALS = 3
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tiny_model(root: Path) -> tuple[Path, Path]:
@@ -190,13 +183,7 @@ class Home:
 
 
 def wait_until(check: Callable[[], Any], within: float, what: str, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {within:.0f} s waiting for {what}")
+    return wait_for(check, within=within, every=every, what=what)
 
 
 def gone(pid: int) -> bool:

@@ -292,3 +292,20 @@ def test_force_finish_waits_for_a_live_worker(settings: Settings, tmp_path: Path
     result = lifecycle.force_finish(layout, run_id, "default", "cancelled", "no worker")
     assert result is not None and result.status == "cancelled"
     assert (layout.results / f"{run_id}.json").exists() and not (layout.active / run_id).exists()
+
+
+async def test_a_torn_result_json_is_resumed_not_failed(settings: Settings) -> None:
+    """A crash tore result.json (and so its inbox copy): the run is still claimed, so a worker ends it again."""
+    layout = settings.layout
+    async with Client(create_server(settings)) as client:
+        run_id = await _run(client)
+        claim(layout)
+        write_atomic(layout.active / run_id, b"")
+        (layout.run_dir(run_id) / "result.json").write_text('{"schema_version": 1, "kind": "run_res')
+        (layout.results / f"{run_id}.json").write_text('{"schema_version": 1, "kind": "run_res')
+        await eventually(lambda: not (layout.results / f"{run_id}.json").exists())
+        assert (await _status(client, run_id))["status"] in ("requested", "running")
+        assert lifecycle.resumable(layout) == [run_id]  # the worker's view: quarantined, and resumed
+        assert not (layout.run_dir(run_id) / "result.json").exists()
+        reasons = " ".join(p.read_text() for p in layout.quarantine.glob("*.reason.txt"))
+        assert "the run is resumed" in reasons
