@@ -217,3 +217,27 @@ def test_a_worker_leaves_another_homes_host_unit_alone(
     action = SystemdHost(user=True, home=settings.layout.home).stop()
     assert action == "left_alone"
     assert "stop" not in calls.read_text().split()
+
+
+def test_a_stop_that_times_out_neither_fails_the_run_nor_leaves_the_host_down(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`systemctl stop` timing out used to fail the run, and the queued stop then left the host down."""
+    import stat
+
+    import train_worker.host_control as host_control
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls.txt"
+    script = fake / "systemctl"
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\ncase "$*" in *is-active*) exit 0;; *" stop "*) sleep 30;; esac\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(host_control, "SYSTEMCTL_TIMEOUT_S", 1.0)
+    controller = host_control.SystemdHost(user=True, home=settings.layout.home)
+    assert controller.stop() == "stopped"  # went on, and recorded what to undo
+    assert controller.start("stopped") is True
+    assert "start --no-block engrain-host.service" in calls.read_text()
