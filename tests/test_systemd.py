@@ -195,25 +195,27 @@ def test_installing_units_for_a_second_home_is_refused_with_the_reason(
     assert install(settings, user=True, dry_run=False, target=folder, enable=False) == 0  # the same home: fine
 
 
-def test_a_worker_leaves_another_homes_host_unit_alone(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With systemd, home B's worker used to stop home A's host unit."""
-    import stat
-
-    from train_worker.host_control import SystemdHost
-
+def fake_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    """Put a `systemctl` first on PATH that records its arguments and then runs `body`; returns the record."""
     fake = tmp_path / "bin"
     fake.mkdir()
     calls = tmp_path / "calls.txt"
     script = fake / "systemctl"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$@" >> {calls}\n'
-        'case "$*" in *show*) echo "ENGRAIN_HOME=/somewhere/else HF_HUB_OFFLINE=1";; esac\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{body}')
+    script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    return calls
+
+
+def test_a_worker_leaves_another_homes_host_unit_alone(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With systemd, home B's worker used to stop home A's host unit."""
+    from train_worker.host_control import SystemdHost
+
+    calls = fake_systemctl(
+        tmp_path, monkeypatch, 'case "$*" in *show*) echo "ENGRAIN_HOME=/somewhere/else HF_HUB_OFFLINE=1";; esac\n'
+    )
     action = SystemdHost(user=True, home=settings.layout.home).stop()
     assert action == "left_alone"
     assert "stop" not in calls.read_text().split()
@@ -223,19 +225,9 @@ def test_a_stop_that_times_out_neither_fails_the_run_nor_leaves_the_host_down(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`systemctl stop` timing out used to fail the run, and the queued stop then left the host down."""
-    import stat
-
     import train_worker.host_control as host_control
 
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    calls = tmp_path / "calls.txt"
-    script = fake / "systemctl"
-    script.write_text(
-        f'#!/bin/sh\necho "$@" >> {calls}\ncase "$*" in *is-active*) exit 0;; *" stop "*) sleep 30;; esac\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    calls = fake_systemctl(tmp_path, monkeypatch, 'case "$*" in *is-active*) exit 0;; *" stop "*) sleep 30;; esac\n')
     monkeypatch.setattr(host_control, "SYSTEMCTL_TIMEOUT_S", 1.0)
     controller = host_control.SystemdHost(user=True, home=settings.layout.home)
     assert controller.stop() == "stopped"  # went on, and recorded what to undo
