@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ReplayStrategy = Literal["uniform", "reservoir", "prioritized"]
+ReplayStrategy = Literal["uniform", "reservoir", "prioritized", "nearest"]
+AdapterMode = Literal["continue", "grow"]
 
 
 class AdapterSettings(BaseModel):
@@ -23,6 +24,24 @@ class AdapterSettings(BaseModel):
         "with less general drift and fewer adapter ops (bench/continual.py).",
     )
     use_rslora: bool = Field(default=False, description="Scale by alpha/sqrt(rank) instead of alpha/rank.")
+    layers: list[int] | None = Field(
+        default=None, description="Decoder layer indices to adapt (None: every layer). Facts live in mid-layer MLPs."
+    )
+
+
+class NullSpaceSettings(BaseModel):
+    """Which preserved keys this run's update must leave alone, and how strictly (learning/nullspace.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    general_energy: float = Field(
+        default=1e-3, gt=0, lt=1, description="Share of general text's key energy the update may touch."
+    )
+    facts_energy: float = Field(
+        default=1e-2, gt=0, le=1, description="Share of earlier facts' key energy the update may touch."
+    )
+    general: bool = Field(default=True, description="Protect general text (anchor answers, reference text).")
+    facts: bool = Field(default=True, description="Protect every earlier fact of the kernel.")
 
 
 class TrainSettings(BaseModel):
@@ -31,6 +50,18 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    adapter_mode: AdapterMode = Field(
+        default="continue",
+        description="'continue' trains the deployed adapter further; 'grow' appends grow_rank fresh rows to it "
+        "and trains only those (earlier rows frozen), which null-space projection needs.",
+    )
+    grow_rank: int = Field(default=16, ge=1, le=256, description="Rank each run adds in adapter_mode='grow'.")
+    max_rank: int = Field(
+        default=128, ge=2, le=1024, description="Above this rank a grown adapter's earlier rows are compacted (SVD)."
+    )
+    nullspace: NullSpaceSettings | None = Field(
+        default=None, description="Project this run's update away from preserved keys (needs adapter_mode='grow')."
+    )
     learning_rate: float = Field(default=1e-3, gt=0)
     max_epochs: int = Field(default=16, ge=1, le=1000)
     min_epochs: int = Field(default=1, ge=1, le=1000, description="Epochs before early stopping may trigger.")
@@ -86,7 +117,15 @@ class GateThresholds(BaseModel):
 
     min_acquisition_em: float = Field(default=0.8, ge=0, le=1)
     min_paraphrase_em: float | None = Field(default=None, ge=0, le=1)
-    min_retention_em: float = Field(default=0.8, ge=0, le=1)
+    min_retention_kept: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="Share of the earlier facts the replaced version answered right that must still be right.",
+    )
+    max_must_keep_lost: int | None = Field(
+        default=0, ge=0, description="Canaries and must-keep facts that may be lost; None disables the gate."
+    )
     min_anchor_agreement: float = Field(default=0.3, ge=0, le=1)
     min_general_kept: float = Field(default=0.75, ge=0, le=1)
     max_ppl_ratio: float = Field(default=1.15, ge=1)
