@@ -105,6 +105,15 @@ class TrainSettings(BaseModel):
     seed: int = 0
 
 
+class KeepFact(BaseModel):
+    """A fact a kernel must never lose: a question and the answers that count as right."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    answers: list[str] = Field(min_length=1, max_length=20, description="Any of these in the answer counts as right.")
+
+
 class GateThresholds(BaseModel):
     """Per-kernel bars a candidate adapter must clear before it is deployed.
 

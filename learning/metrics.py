@@ -29,7 +29,8 @@ import jsonschema
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from learning.anchors import EVAL_ANCHOR_TOKENS, PROBE_TOKENS, Baseline, Probe, canaries, probes, reference_text
+from learning.anchors import EVAL_ANCHOR_TOKENS, PROBE_TOKENS, Baseline, canaries, probes, reference_text
+from learning.config import KeepFact
 from learning.examples import Example
 from learning.formatting import encode_example, encode_prompt
 from learning.greedy_check import Ask, Reply, ask
@@ -69,7 +70,7 @@ class Prior:
         return cls(answers=dict(data["answers"]), right={k: bool(v) for k, v in data["right"].items()})
 
 
-def must_keep_items(baseline: Baseline | None, extra: Sequence[Probe] = ()) -> list[MustKeep]:
+def must_keep_items(baseline: Baseline | None, extra: Sequence[KeepFact] = ()) -> list[MustKeep]:
     """The packaged canaries the base answers right (with their paths), then the kernel's own list."""
     items: list[MustKeep] = []
     if baseline is not None:

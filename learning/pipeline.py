@@ -41,9 +41,9 @@ from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from learning import dataset, ewc, lora, nullspace
-from learning.anchors import Baseline, Probe, ensure_baseline, reference_text, train_anchors
+from learning.anchors import Baseline, ensure_baseline, reference_text, train_anchors
 from learning.batching import collate
-from learning.config import GateThresholds, TrainSettings
+from learning.config import GateThresholds, KeepFact, TrainSettings
 from learning.examples import Example
 from learning.formatting import encode_example
 from learning.fsutil import atomic_dir, atomic_write_text
@@ -209,7 +209,7 @@ def run_training(
     earlier: Sequence[Example],
     settings: TrainSettings,
     *,
-    must_keep: Sequence[Probe] = (),
+    must_keep: Sequence[KeepFact] = (),
     previous_version: Path | None = None,
     checkpoint_dir: Path | None = None,
     progress: Callable[[Progress], None] | None = None,

@@ -163,6 +163,7 @@ def _train_request(run: Run, kernel: Kernel, config: KernelConfig, now: datetime
         settings=config.train,
         gates=config.gates,
         output_schema=config.output_schema,
+        must_keep=config.must_keep,
         requested_at=now,
     )
 

@@ -119,6 +119,7 @@ class Pickup:
                 new_version=result.version,
                 version_path=result.version_path,
                 losses={item.experience_id: item.loss for item in result.losses},
+                lost=[item.model_dump(mode="json") for item in result.lost],
             )
         except (ValueError, NotFound) as exc:
             await self._quarantine(path, f"result could not be recorded: {exc}")
