@@ -106,13 +106,13 @@ class Experiences:
             for index, item, _ in to_insert:
                 if item.source != "correction":
                     continue
-                rows = await tx.execute_fetchall(
+                replaced = await tx.execute_fetchall(
                     "UPDATE experiences SET status = 'superseded', superseded_by = ?, updated_at = ?"
                     " WHERE kernel = ? AND prompt = ? AND system IS ? AND id != ?"
-                    " AND status NOT IN ('superseded', 'retired') AND source != 'correction' RETURNING id",
+                    " AND status NOT IN ('superseded', 'retired') RETURNING id",
                     (new_ids[index], now, kernel, item.prompt, item.system, new_ids[index]),
                 )
-                superseded[index] = sorted(int(r[0]) for r in rows)
+                superseded[index] = sorted(int(r[0]) for r in replaced)
 
         result: list[AddedExperience] = []
         for index, outcome in enumerate(outcomes):
