@@ -20,8 +20,42 @@ from learning.anchors import Probe
 
 FACTS = Path(__file__).parents[2] / "bench" / "data" / "continual.json"
 STOP = frozenset(
-    "a an the of in on is are was were what which who whom how many much does do did to for by and or with from at "
-    "as it its this that be".split(" ")
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "in",
+        "on",
+        "is",
+        "are",
+        "was",
+        "were",
+        "what",
+        "which",
+        "who",
+        "whom",
+        "how",
+        "many",
+        "much",
+        "does",
+        "do",
+        "did",
+        "to",
+        "for",
+        "by",
+        "and",
+        "or",
+        "with",
+        "from",
+        "at",
+        "as",
+        "it",
+        "its",
+        "this",
+        "that",
+        "be",
+    ]
 )
 
 
