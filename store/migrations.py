@@ -206,7 +206,7 @@ MIGRATIONS: list[Migration] = [
         rebuilds_tables=True,
     ),
     Migration(
-        3,
+        4,
         "learning_without_overwriting",
         """
         -- A correction supersedes the experience it corrects, and a wrong experience can be retired: either
