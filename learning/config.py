@@ -83,6 +83,11 @@ class TrainSettings(BaseModel):
         description="Share of each epoch's anchors chosen as the nearest to the new items (base-model prompt "
         "embeddings); the rest are drawn uniformly.",
     )
+    self_distilled_targets: bool = Field(
+        default=False,
+        description="Train on the base model's own wording of each new response when it keeps the key answer "
+        "(SDFT, learning/sdft.py).",
+    )
     neighbour_anchors: bool = Field(
         default=True,
         description="Also keep the base answer (CE + KL) to each new prompt with its novel words removed, "

@@ -40,7 +40,7 @@ from peft import PeftModel
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from learning import dataset, ewc, lora, nullspace
+from learning import dataset, ewc, lora, nullspace, sdft
 from learning.anchors import Baseline, ensure_baseline, reference_text, train_anchors
 from learning.batching import collate
 from learning.config import GateThresholds, KeepFact, TrainSettings
@@ -240,10 +240,11 @@ def run_training(
     if projector is not None:
         projector()  # the fresh rows start inside the allowed subspace too
     anchors = train_anchors(bundle.baseline) if settings.anchor_ratio > 0 else []
+    targets = sdft.self_distilled(model, bundle.tokenizer, new) if settings.self_distilled_targets else new
     data = dataset.build(
         model,
         bundle.tokenizer,
-        new,
+        targets,
         earlier,
         anchors,
         settings,

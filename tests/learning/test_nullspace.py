@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -60,7 +62,7 @@ def test_a_projected_update_leaves_preserved_text_alone(tokenizer: PreTrainedTok
     assert moved(other) > 0.05 * unprojected  # elsewhere the update still acts
 
 
-def test_general_bases_are_cached(tokenizer: PreTrainedTokenizerFast, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_general_bases_are_cached(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     model = lora.attach_new(make_model(tokenizer), AdapterSettings(rank=4, alpha=8))
     sequences = [encode_example(tokenizer, e, 64).input_ids for e in facts(3)]
     cache = tmp_path / "bases.safetensors"
