@@ -34,11 +34,18 @@ class NullSpaceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    general_energy: float = Field(
-        default=1e-3, gt=0, lt=1, description="Share of general text's key energy the update may touch."
+    general_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1000,
+        description="The update may use input directions where general text varies less than this times the "
+        "median direction's variance.",
     )
-    facts_energy: float = Field(
-        default=1e-2, gt=0, le=1, description="Share of earlier facts' key energy the update may touch."
+    facts_threshold: float = Field(
+        default=0.1,
+        gt=0,
+        le=1000,
+        description="...and where the kernel's earlier facts vary less than this times that same median.",
     )
     general: bool = Field(default=True, description="Protect general text (anchor answers, reference text).")
     facts: bool = Field(default=True, description="Protect every earlier fact of the kernel.")

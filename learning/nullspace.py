@@ -6,14 +6,17 @@ keys it sees on preserved text: general text, and every fact the kernel already 
 after layer. A LoRA update is `B A`; keeping each row of `A` inside the subspace that preserved keys
 (almost) never use guarantees it, whatever `B` learns.
 
-Per adapted module we keep an orthonormal basis `U` (d_in x m) of that subspace:
+On a small model general text uses every input direction: there is no exact null space, only
+directions it uses little. A few outlier dimensions carry most of the variance (up to 10^4 times the
+median), so thresholds are set against the median per-token variance `m` of general text, not
+against the total. Per adapted module we keep an orthonormal basis `U` (d_in x k):
 
 1. the keys of general text (the anchor answers and the reference text, through the bare base
-   model) give a covariance `C_g`; `U_g` spans its smallest eigen-directions holding at most a share
-   `general_energy` of its energy. This is computed once per base model and cached.
+   model) give a per-token covariance `C_g`; `U_g` spans its eigen-directions with variance below
+   `general_threshold * m`. Computed once per base model and cached.
 2. the keys of every earlier fact (through the previous version, which is what they must keep
-   producing) give `C_f`; within `U_g`, the directions where those keys put more than a share
-   `facts_energy` of their energy are removed as well. Cheap: an eigen-decomposition of `m x m`.
+   producing) give a per-token covariance `C_f`; within `U_g`, the directions where those keys vary
+   more than `facts_threshold * m` are removed too. Cheap: an eigen-decomposition of `k x k`.
 
 The trainer then projects the new adapter rows after every optimizer step: `A ← A U Uᵀ`.
 """
@@ -108,53 +111,60 @@ def key_covariance(
     return sums, tokens
 
 
-def smallest_directions(cov: torch.Tensor, energy: float) -> torch.Tensor:
-    """Orthonormal columns spanning the smallest eigen-directions of `cov` that hold at most `energy` of its trace."""
+def quiet_directions(cov: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
+    """Orthonormal columns spanning the eigen-directions of `cov` with variance below `threshold` x its median.
+
+    Returns the basis and the median eigenvalue (the scale later thresholds are set against).
+    """
     values, vectors = torch.linalg.eigh(cov.to(torch.float64))
-    values = values.clamp(min=0)
-    budget = energy * float(values.sum())
-    keep = int((values.cumsum(0) <= budget).sum())
+    median = float(values.clamp(min=0).median())
+    keep = int((values < threshold * median).sum())
     basis: torch.Tensor = vectors[:, :keep].to(torch.float32).contiguous()
-    return basis
+    return basis, median
 
 
-def restrict(basis: torch.Tensor, cov: torch.Tensor, energy: float) -> torch.Tensor:
-    """The part of span(`basis`) where keys with covariance `cov` hold at most `energy` of their total energy."""
+def restrict(basis: torch.Tensor, cov: torch.Tensor, limit: float) -> torch.Tensor:
+    """The part of span(`basis`) along which keys with covariance `cov` vary less than `limit`."""
     if basis.shape[1] == 0:
-        return basis
-    total = float(torch.trace(cov))
-    if total <= 0:
         return basis
     b = basis.to(torch.float64)
     inner = b.T @ cov.to(torch.float64) @ b
     values, vectors = torch.linalg.eigh((inner + inner.T) / 2)
-    keep = int((values.clamp(min=0).cumsum(0) <= energy * total).sum())
+    keep = int((values < limit).sum())
     restricted: torch.Tensor = (b @ vectors[:, :keep]).to(torch.float32).contiguous()
     return restricted
 
 
 def general_bases(
-    covariances: Mapping[str, torch.Tensor], energy: float, groups: Mapping[str, str] | None = None
-) -> dict[str, torch.Tensor]:
-    """`smallest_directions` per module; modules in one group (the same input, e.g. gate and up) share one."""
-    out: dict[str, torch.Tensor] = {}
-    done: dict[str, torch.Tensor] = {}
+    covariances: Mapping[str, torch.Tensor], threshold: float, groups: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`quiet_directions` per module (bases and medians); modules in one group (one input) share one."""
+    bases: dict[str, torch.Tensor] = {}
+    medians: dict[str, float] = {}
+    done: dict[str, tuple[torch.Tensor, float]] = {}
     for name, cov in covariances.items():
         group = (groups or {}).get(name, name)
         if group not in done:
-            done[group] = smallest_directions(cov, energy)
-        out[name] = done[group]
-    return out
+            done[group] = quiet_directions(cov, threshold)
+        bases[name], medians[name] = done[group]
+    return bases, medians
 
 
-def save_bases(bases: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write bases as one safetensors file, atomically."""
+MEDIAN_SUFFIX = ":median"
+
+
+def save_bases(bases: Mapping[str, torch.Tensor], medians: Mapping[str, float], path: Path) -> None:
+    """Write bases and their medians as one safetensors file, atomically."""
+    tensors = {k: v.clone().contiguous() for k, v in bases.items()}
+    tensors |= {k + MEDIAN_SUFFIX: torch.tensor([m], dtype=torch.float64) for k, m in medians.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.clone().contiguous() for k, v in bases.items()}, str(tmp))
+        save_file(tensors, str(tmp))
 
 
-def load_bases(path: Path) -> dict[str, torch.Tensor]:
-    return dict(load_file(str(path)))
+def load_bases(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    loaded = load_file(str(path))
+    medians = {k[: -len(MEDIAN_SUFFIX)]: float(v[0]) for k, v in loaded.items() if k.endswith(MEDIAN_SUFFIX)}
+    return {k: v for k, v in loaded.items() if not k.endswith(MEDIAN_SUFFIX)}, medians
 
 
 def project_rows_(weight: torch.Tensor, basis: torch.Tensor, rows: slice) -> None:
@@ -215,25 +225,28 @@ def build_projector(
     modules = lora_modules(model)
     names = sorted(modules)
     bases: dict[str, torch.Tensor] = {}
-    if settings.general:
-        if cache is not None and cache.is_file():
-            bases = load_bases(cache)
-        if set(bases) != set(names):
-            started = time.perf_counter()
-            with model.disable_adapter():
-                covs, tokens = key_covariance(model, {n: modules[n][0] for n in names}, general(), pad_id)
-            bases = general_bases(covs, settings.general_energy, {n: _input_group(n) for n in names})
-            log.info("null space of general text: %d tokens, %.1f s", tokens, time.perf_counter() - started)
-            if cache is not None:
-                save_bases(bases, cache)
-    else:
+    medians: dict[str, float] = {}
+    if cache is not None and cache.is_file():
+        bases, medians = load_bases(cache)
+    if set(bases) != set(names):
+        started = time.perf_counter()
+        with model.disable_adapter():
+            covs, tokens = key_covariance(model, {n: modules[n][0] for n in names}, general(), pad_id)
+        per_token = {n: c / max(tokens, 1) for n, c in covs.items()}
+        bases, medians = general_bases(per_token, settings.general_threshold, {n: _input_group(n) for n in names})
+        log.info("quiet directions of general text: %d tokens, %.1f s", tokens, time.perf_counter() - started)
+        if cache is not None:
+            save_bases(bases, medians, cache)
+    if not settings.general:
         for n in names:
             weight = modules[n][0].weight
             assert isinstance(weight, torch.Tensor)
             bases[n] = torch.eye(weight.shape[1])
     if settings.facts and earlier:
-        covs, _ = key_covariance(model, {n: modules[n][0] for n in names}, earlier, pad_id)
-        bases = {n: restrict(bases[n], covs[n], settings.facts_energy) for n in names}
+        covs, tokens = key_covariance(model, {n: modules[n][0] for n in names}, earlier, pad_id)
+        bases = {
+            n: restrict(bases[n], covs[n] / max(tokens, 1), settings.facts_threshold * medians[n]) for n in names
+        }
     by_param = {modules[n][1]: bases[n] for n in names}
     missing = set(params) - set(by_param) - {k for k in params if ".lora_B." in k}
     if missing:

@@ -168,7 +168,7 @@ def _projector(
     assert settings.nullspace is not None
     ns = settings.nullspace
     modules = sorted(nullspace.lora_modules(model))
-    digest = hashlib.sha256(json.dumps([modules, ns.general_energy, settings.max_seq_len]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([modules, ns.general_threshold, settings.max_seq_len]).encode()).hexdigest()[:12]
     cache = bundle.cache_dir / "nullspace" / f"{bundle.baseline.fingerprint}-{digest}.safetensors"
     facts = [encode_example(bundle.tokenizer, e, settings.max_seq_len).input_ids for e in earlier]
     return nullspace.build_projector(

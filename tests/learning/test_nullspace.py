@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -11,22 +12,21 @@ from learning.formatting import encode_example
 from tests.learning.conftest import facts, make_model
 
 
-def test_smallest_directions_hold_at_most_the_energy_share() -> None:
-    basis_in = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
-    values = torch.tensor([100.0, 50.0, 10.0, 1e-3, 1e-4, 0.0], dtype=torch.float64)
+def test_quiet_directions_are_those_below_the_threshold_times_the_median() -> None:
+    basis_in = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64))[0]
+    values = torch.tensor([1e4, 50.0, 10.0, 5.0, 2.0, 1e-1, 1e-3], dtype=torch.float64)  # an outlier, as real keys
     cov = basis_in @ torch.diag(values) @ basis_in.T
-    basis = nullspace.smallest_directions(cov, energy=1e-4)
-    assert basis.shape == (6, 3)  # 0 + 1e-4 + 1e-3 <= 1e-4 * 160.0011
-    # The kept directions are the three smallest: projecting the big ones gives (almost) nothing.
-    assert torch.allclose(basis.T.double() @ basis_in[:, :3], torch.zeros(3, 3, dtype=torch.float64), atol=1e-5)
-    assert nullspace.smallest_directions(cov, energy=1e-9).shape[1] == 1
+    basis, median = nullspace.quiet_directions(cov, threshold=0.5)
+    assert median == pytest.approx(5.0) and basis.shape == (7, 3)  # 2.0, 0.1 and 0.001 are below 2.5
+    # The kept directions are the three quietest: the loud ones project to (almost) nothing.
+    assert torch.allclose(basis.T.double() @ basis_in[:, :4], torch.zeros(3, 4, dtype=torch.float64), atol=1e-5)
 
 
 def test_restrict_removes_what_earlier_keys_use() -> None:
     basis = torch.eye(4)[:, :3]  # allowed: e0, e1, e2
     fact = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # an earlier fact's key along e1
     cov = (fact.T @ fact).double()
-    kept = nullspace.restrict(basis, cov, energy=1e-3)
+    kept = nullspace.restrict(basis, cov, limit=1e-3)
     assert kept.shape == (4, 2)
     assert torch.allclose(kept.T @ fact.T, torch.zeros(2, 1), atol=1e-6)
 
@@ -35,12 +35,14 @@ def test_a_projected_update_leaves_preserved_text_alone(tokenizer: PreTrainedTok
     """The guarantee: with every adapter A projected, the logits on preserved sequences do not move."""
     torch.manual_seed(0)
     model = lora.attach_new(make_model(tokenizer), AdapterSettings(rank=4, alpha=8))
+    general = [encode_example(tokenizer, e, 64).input_ids for e in facts(40, prefix="g")]
     preserved = [encode_example(tokenizer, e, 64).input_ids for e in facts(1)]
     other = encode_example(tokenizer, facts(1, prefix="x")[0], 64).input_ids
     params = lora.trainable_params(model)
-    settings = NullSpaceSettings(general_energy=1e-9, facts=False)
+    # General text allows every direction here; the earlier fact's keys are the hard constraint.
+    settings = NullSpaceSettings(general_threshold=1000.0, facts_threshold=1e-9)
     projector = nullspace.build_projector(
-        model, params, 0, lambda: preserved, [], settings, int(tokenizer.pad_token_id), None
+        model, params, 0, lambda: general, preserved, settings, int(tokenizer.pad_token_id), None
     )
     assert min(projector.dimensions().values()) > 0
 
