@@ -48,7 +48,14 @@ class NullSpaceSettings(BaseModel):
         description="...and where the kernel's earlier facts vary less than this times that same median.",
     )
     general: bool = Field(default=True, description="Protect general text (anchor answers, reference text).")
-    facts: bool = Field(default=True, description="Protect every earlier fact of the kernel.")
+    facts: bool = Field(
+        default=True,
+        description="Protect every earlier fact of the kernel, the must-keep facts, and the base's answers to the "
+        "general questions nearest to each new fact (real facts of the same form) as hard constraints.",
+    )
+    nearest_anchors: int = Field(
+        default=4, ge=0, le=64, description="General questions protected per new fact (the nearest by prompt)."
+    )
 
 
 class TrainSettings(BaseModel):

@@ -87,11 +87,17 @@ def build(
     anchors: Sequence[Anchor],
     settings: TrainSettings,
     kl_cache_dir: Path | None = None,
+    near_anchors: Sequence[int] | None = None,
 ) -> RunData:
-    """Choose the replay set and the anchors, encode everything, and compute the base's KL targets."""
+    """Choose the replay set and the anchors, encode everything, and compute the base's KL targets.
+
+    `near_anchors` is the anchors' order by closeness to the new items, when the caller has it already.
+    """
     s = settings
     with_kl = s.kl_weight > 0
-    need_embeddings = s.replay_strategy == "nearest" or (anchors and s.anchor_neighbour_share > 0)
+    need_embeddings = s.replay_strategy == "nearest" or (
+        anchors and s.anchor_neighbour_share > 0 and near_anchors is None
+    )
     new_emb = prompt_embeddings(model, tokenizer, [e.prompt for e in new]) if need_embeddings else None
 
     k_replay = replay.replay_count(len(new), s.replay_ratio, len(earlier))
@@ -114,9 +120,11 @@ def build(
 
     k_anchor = min(len(anchors), round(s.anchor_ratio * len(new)))
     near: list[int] = []
-    if k_anchor and new_emb is not None and s.anchor_neighbour_share > 0:
-        anchor_emb = prompt_embeddings(model, tokenizer, [a.example.prompt for a in anchors])
-        near = nearest_first(new_emb, anchor_emb)[: round(s.anchor_neighbour_share * k_anchor)]
+    if k_anchor and s.anchor_neighbour_share > 0:
+        if near_anchors is None:
+            assert new_emb is not None
+            near_anchors = nearest_anchor_order(model, tokenizer, new, anchors, new_emb)
+        near = list(near_anchors)[: round(s.anchor_neighbour_share * k_anchor)]
     others = [i for i in range(len(anchors)) if i not in set(near)] if k_anchor else []
 
     def encode(e: Example, *, eos: bool = True) -> Encoded:
@@ -139,6 +147,19 @@ def build(
         per_epoch_sampled=min(k_anchor - len(near), len(others)) if k_anchor else 0,
         replayed=[e.id for e in chosen],
     )
+
+
+def nearest_anchor_order(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    new: Sequence[Example],
+    anchors: Sequence[Anchor],
+    new_emb: torch.Tensor | None = None,
+) -> list[int]:
+    """Anchor indices, nearest to the new items first (round-robin over the new items)."""
+    if new_emb is None:
+        new_emb = prompt_embeddings(model, tokenizer, [e.prompt for e in new])
+    return nearest_first(new_emb, prompt_embeddings(model, tokenizer, [a.example.prompt for a in anchors]))
 
 
 def base_topk(model: PeftModel, enc: Encoded, k: int, cache_dir: Path | None) -> KlTargets:

@@ -29,6 +29,15 @@ from learning.model_loading import model_device
 CHECK_BATCH = 32
 
 
+@dataclass(frozen=True)
+class Check:
+    """One teacher-forced check of an expected answer."""
+
+    reproduced: bool  # greedy decoding gives exactly this answer
+    loss: float  # mean cross-entropy of its tokens
+    agreement: float  # share of its tokens that are the model's argmax
+
+
 @torch.inference_mode()
 def follows(
     model: nn.Module,
@@ -37,8 +46,8 @@ def follows(
     pad_id: int,
     *,
     batch_size: int = CHECK_BATCH,
-) -> tuple[list[bool], list[float]]:
-    """Per (prompt, target): whether greedy decoding reproduces `target` exactly, and its mean target CE.
+) -> list[Check]:
+    """Per (prompt, target): whether greedy decoding reproduces `target`, its mean CE, and its token agreement.
 
     An empty target trivially "follows". Rows are sorted by length so batches carry little padding.
     """
@@ -50,8 +59,7 @@ def follows(
         for p, t in zip(prompts, targets, strict=True)
     ]
     order = sorted((i for i in range(len(encoded)) if targets[i]), key=lambda i: len(encoded[i]))
-    ok = [True] * len(encoded)
-    losses = [0.0] * len(encoded)
+    checks = [Check(True, 0.0, 1.0)] * len(encoded)
     was_training = model.training
     model.eval()
     try:
@@ -66,11 +74,10 @@ def follows(
             wrong = per_row_mean((logits.argmax(-1) != wanted).float(), row_of, len(rows))
             ce = per_row_mean(token_ce(logits.float(), wanted), row_of, len(rows))
             for r, i in enumerate(rows):
-                ok[i] = bool(wrong[r] == 0)
-                losses[i] = float(ce[r])
+                checks[i] = Check(bool(wrong[r] == 0), float(ce[r]), 1.0 - float(wrong[r]))
     finally:
         model.train(was_training)
-    return ok, losses
+    return checks
 
 
 @dataclass(frozen=True)
@@ -93,10 +100,10 @@ def ask(model: nn.Module, tokenizer: PreTrainedTokenizerBase, asks: Sequence[Ask
     """Greedy replies: expected answers confirmed in one teacher-forced pass, the others generated."""
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     checked = [i for i, a in enumerate(asks) if a.expected]
-    ok, _ = follows(model, [asks[i].prompt for i in checked], [asks[i].expected for i in checked], pad)
+    checks = follows(model, [asks[i].prompt for i in checked], [asks[i].expected for i in checked], pad)
     replies: list[Reply | None] = [None] * len(asks)
-    for i, good in zip(checked, ok, strict=True):
-        if good:
+    for i, check in zip(checked, checks, strict=True):
+        if check.reproduced:
             replies[i] = Reply(text=decode(tokenizer, asks[i].expected), reproduced=True)
     rest = [i for i, r in enumerate(replies) if r is None]
     if rest:

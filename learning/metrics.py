@@ -7,8 +7,9 @@
   never learnt do not count. Facts without a key answer (gold answers) are compared with that
   version's answer by token F1. `held_back_kept` is the same over the facts this run did not replay;
 - must keep: canaries (basic facts the base knows) and the kernel's own must-keep list, by the same rule;
-- general drift: agreement with the base model's answers on held-out anchor prompts, the share of
-  probes the base got right that are still right, and perplexity on a reference text as a ratio;
+- general drift: agreement with the base model's answers on held-out anchor prompts (the share of the
+  base answer's tokens the candidate would pick itself, teacher-forced), the share of probes the base
+  got right that are still right, and perplexity on a reference text as a ratio;
 - format: JSON-schema compliance of the answers when the kernel declares an output schema.
 
 Most of these are "still answered as before" questions: `learning.greedy_check.ask` settles those with
@@ -29,11 +30,11 @@ import jsonschema
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from learning.anchors import EVAL_ANCHOR_TOKENS, PROBE_TOKENS, Baseline, canaries, probes, reference_text
+from learning.anchors import PROBE_TOKENS, Baseline, canaries, probes, reference_text
 from learning.config import KeepFact
 from learning.examples import Example
 from learning.formatting import encode_example, encode_prompt
-from learning.greedy_check import Ask, Reply, ask
+from learning.greedy_check import Ask, Reply, ask, follows
 from learning.reports import ItemScore, LostItem, Metrics, NewFact
 from learning.scoring import contains, contains_any, normalise, perplexity, token_f1
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # Greedy continuations diverge after any small change, so exact match is too strict.
 MATCH_F1 = 0.5
 ANSWER_SLACK = 8  # tokens allowed beyond the expected response when an answer must be generated
+PROBE_SLACK = 16  # tokens allowed beyond where the base named the answer, when a changed answer is generated
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def _must_keep_ask(tokenizer: PreTrainedTokenizerBase, item: MustKeep) -> Ask:
     return Ask(
         prompt=encode_prompt(tokenizer, item.prompt),
         expected=list(item.path),
-        budget=PROBE_TOKENS,
+        budget=len(item.path) + PROBE_SLACK if item.path else PROBE_TOKENS,
         named=lambda text: contains_any(text, item.answers),
     )
 
@@ -265,21 +267,19 @@ def compute_metrics(
 
 def _general(model: nn.Module, tokenizer: PreTrainedTokenizerBase, baseline: Baseline, m: Metrics) -> None:
     """Anchor agreement, probes kept and the perplexity ratio, against the base model's baseline."""
-    anchors = baseline.eval_anchors
+    anchors = [a for a in baseline.eval_anchors if a.ids]
+    if anchors:
+        pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        prompts = [encode_prompt(tokenizer, a.prompt) for a in anchors]
+        checks = follows(model, prompts, [a.ids for a in anchors], pad)
+        m.anchor_agreement = sum(c.agreement for c in checks) / len(checks)
     items = probes()
     base_right = [i for i, b in enumerate(baseline.probes) if b.correct]
-    asks = [Ask(encode_prompt(tokenizer, a.prompt), list(a.ids), EVAL_ANCHOR_TOKENS) for a in anchors]
-    asks += [
-        _must_keep_ask(
-            tokenizer, MustKeep(f"probe:{i}", items[i].prompt, tuple(items[i].answers), tuple(baseline.probes[i].path))
-        )
+    as_items = [
+        MustKeep(f"probe:{i}", items[i].prompt, tuple(items[i].answers), tuple(baseline.probes[i].path))
         for i in base_right
     ]
-    replies: list[Reply] = ask(model, tokenizer, asks)
-    if anchors:
-        agree = [r.reproduced or token_f1(r.text, a.answer) >= MATCH_F1 for r, a in zip(replies, anchors, strict=False)]
-        m.anchor_agreement = sum(agree) / len(agree)
-    probe_replies = replies[len(anchors) :]
+    probe_replies: list[Reply] = ask(model, tokenizer, [_must_keep_ask(tokenizer, item) for item in as_items])
     kept = [contains_any(r.text, items[i].answers) for r, i in zip(probe_replies, base_right, strict=True)]
     m.probes_checked = len(base_right)
     m.general_kept = _mean([float(k) for k in kept])

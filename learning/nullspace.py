@@ -244,9 +244,7 @@ def build_projector(
             bases[n] = torch.eye(weight.shape[1])
     if settings.facts and earlier:
         covs, tokens = key_covariance(model, {n: modules[n][0] for n in names}, earlier, pad_id)
-        bases = {
-            n: restrict(bases[n], covs[n] / max(tokens, 1), settings.facts_threshold * medians[n]) for n in names
-        }
+        bases = {n: restrict(bases[n], covs[n] / max(tokens, 1), settings.facts_threshold * medians[n]) for n in names}
     by_param = {modules[n][1]: bases[n] for n in names}
     missing = set(params) - set(by_param) - {k for k in params if ".lora_B." in k}
     if missing:

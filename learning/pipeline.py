@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from learning import dataset, ewc, lora, nullspace, sdft
-from learning.anchors import Baseline, ensure_baseline, reference_text, train_anchors
+from learning.anchors import Anchor, Baseline, ensure_baseline, reference_text, train_anchors
 from learning.batching import collate
 from learning.config import GateThresholds, KeepFact, TrainSettings
 from learning.examples import Example
@@ -162,21 +162,44 @@ def _general_sequences(bundle: Bundle, max_seq_len: int) -> list[list[int]]:
     return out
 
 
+def _protected(
+    bundle: Bundle,
+    n_new: int,
+    earlier: Sequence[Example],
+    keep: Sequence[MustKeep],
+    prior: Prior,
+    anchors: Sequence[Anchor],
+    near_anchors: Sequence[int],
+    settings: TrainSettings,
+) -> list[list[int]]:
+    """What this run's update must leave alone: earlier facts, must-keep facts the replaced version knows
+    (with its answers), and the base's answers to the general questions nearest to the new facts."""
+    assert settings.nullspace is not None
+    tok, limit = bundle.tokenizer, settings.max_seq_len
+    out = [encode_example(tok, e, limit).input_ids for e in earlier]
+    for item in keep:
+        if prior.right.get(item.id):
+            example = Example(id=item.id, prompt=item.prompt, response=prior.answers[item.id])
+            out.append(encode_example(tok, example, limit, end_with_eos=False).input_ids)
+    for i in list(near_anchors)[: settings.nullspace.nearest_anchors * n_new]:
+        out.append(encode_example(tok, anchors[i].example, limit, end_with_eos=anchors[i].finished).input_ids)
+    return out
+
+
 def _projector(
-    bundle: Bundle, model: PeftModel, frozen: int, earlier: Sequence[Example], settings: TrainSettings
+    bundle: Bundle, model: PeftModel, frozen: int, protected: Sequence[Sequence[int]], settings: TrainSettings
 ) -> nullspace.Projector:
     assert settings.nullspace is not None
     ns = settings.nullspace
     modules = sorted(nullspace.lora_modules(model))
     digest = hashlib.sha256(json.dumps([modules, ns.general_threshold, settings.max_seq_len]).encode()).hexdigest()[:12]
     cache = bundle.cache_dir / "nullspace" / f"{bundle.baseline.fingerprint}-{digest}.safetensors"
-    facts = [encode_example(bundle.tokenizer, e, settings.max_seq_len).input_ids for e in earlier]
     return nullspace.build_projector(
         model,
         lora.trainable_params(model),
         frozen,
         lambda: _general_sequences(bundle, settings.max_seq_len),
-        facts,
+        protected,
         ns,
         _pad_id(bundle.tokenizer),
         cache,
@@ -236,10 +259,18 @@ def run_training(
     if settings.ewc_lambda > 0 and previous_fisher is not None and frozen == 0:
         start = {k: p.detach().clone() for k, p in lora.trainable_params(model).items()}
         ewc_term = EwcTerm(anchor=start, fisher=ewc.normalised(previous_fisher), weight=settings.ewc_lambda)
-    projector = _projector(bundle, model, frozen, earlier, settings) if settings.nullspace is not None else None
-    if projector is not None:
+    all_anchors = train_anchors(bundle.baseline)
+    ns = settings.nullspace
+    wants_near = (settings.anchor_ratio > 0 and settings.anchor_neighbour_share > 0) or (
+        ns is not None and ns.facts and ns.nearest_anchors > 0
+    )
+    near = dataset.nearest_anchor_order(model, bundle.tokenizer, new, all_anchors) if wants_near else []
+    projector = None
+    if ns is not None:
+        protected = _protected(bundle, len(new), earlier, keep, prior, all_anchors, near, settings) if ns.facts else []
+        projector = _projector(bundle, model, frozen, protected, settings)
         projector()  # the fresh rows start inside the allowed subspace too
-    anchors = train_anchors(bundle.baseline) if settings.anchor_ratio > 0 else []
+    anchors = all_anchors if settings.anchor_ratio > 0 else []
     targets = sdft.self_distilled(model, bundle.tokenizer, new) if settings.self_distilled_targets else new
     data = dataset.build(
         model,
@@ -249,6 +280,7 @@ def run_training(
         anchors,
         settings,
         kl_cache_dir=bundle.cache_dir / "kl" / bundle.baseline.fingerprint,
+        near_anchors=near if wants_near else None,
     )
     outcome = train(
         model,

@@ -132,8 +132,10 @@ def reproduced(model: PeftModel, data: RunData, pad_id: int) -> tuple[float, dic
     rows = data.new
     prompts = [_prompt_part(data.items[i].encoded) for i in rows]
     targets = [_target_part(data.items[i].encoded) for i in rows]
-    ok, ce = follows(model, prompts, targets, pad_id)
-    return sum(ok) / max(len(rows), 1), {data.items[i].id: c for i, c in zip(rows, ce, strict=True)}
+    checks = follows(model, prompts, targets, pad_id)
+    return sum(c.reproduced for c in checks) / max(len(rows), 1), {
+        data.items[i].id: c.loss for i, c in zip(rows, checks, strict=True)
+    }
 
 
 def _prompt_part(enc: Encoded) -> list[int]:
