@@ -15,8 +15,10 @@ against the total. Per adapted module we keep an orthonormal basis `U` (d_in x k
    model) give a per-token covariance `C_g`; `U_g` spans its eigen-directions with variance below
    `general_threshold * m`. Computed once per base model and cached.
 2. the keys of every earlier fact (through the previous version, which is what they must keep
-   producing) give a per-token covariance `C_f`; within `U_g`, the directions where those keys vary
-   more than `facts_threshold * m` are removed too. Cheap: an eigen-decomposition of `k x k`.
+   producing), of the must-keep facts and of the real facts nearest to the new ones give `C_f`,
+   summed over their tokens, not averaged: each is a constraint of its own. Within `U_g`, the
+   directions where they put more than `facts_threshold * m` in all are removed too. Cheap: an
+   eigen-decomposition of `k x k`.
 
 The trainer then projects the new adapter rows after every optimizer step: `A ← A U Uᵀ`.
 """
@@ -212,15 +214,16 @@ def build_projector(
     params: Mapping[str, torch.nn.Parameter],
     frozen: int,
     general: Callable[[], Sequence[Sequence[int]]],
-    earlier: Sequence[Sequence[int]],
+    protected: Sequence[Sequence[int]],
     settings: NullSpaceSettings,
     pad_id: int,
     cache: Path | None,
 ) -> Projector:
     """Bases for every adapted module: general text's null space (cached), minus what earlier facts use.
 
-    `general()` yields the general token sequences; it is only called when the cache is cold. `earlier`
-    are the earlier facts' sequences, read through the model as it is now (the version being replaced).
+    `general()` yields the general token sequences; it is only called when the cache is cold. `protected`
+    are the sequences to keep (earlier facts and the like), read through the model as it is now (the
+    version being replaced).
     """
     modules = lora_modules(model)
     names = sorted(modules)
@@ -242,16 +245,15 @@ def build_projector(
             weight = modules[n][0].weight
             assert isinstance(weight, torch.Tensor)
             bases[n] = torch.eye(weight.shape[1])
-    if settings.facts and earlier:
-        covs, tokens = key_covariance(model, {n: modules[n][0] for n in names}, earlier, pad_id)
-        bases = {n: restrict(bases[n], covs[n] / max(tokens, 1), settings.facts_threshold * medians[n]) for n in names}
+    if settings.facts and protected:
+        # Summed, not averaged: each protected key is a constraint of its own, however many others there are.
+        covs, _ = key_covariance(model, {n: modules[n][0] for n in names}, protected, pad_id)
+        bases = {n: restrict(bases[n], covs[n], settings.facts_threshold * medians[n]) for n in names}
     by_param = {modules[n][1]: bases[n] for n in names}
     missing = set(params) - set(by_param) - {k for k in params if ".lora_B." in k}
     if missing:
         raise ValueError(f"no null-space basis for {sorted(missing)[:3]}")
     projector = Projector({k: p for k, p in params.items() if k in by_param}, by_param, frozen)
     dims = projector.dimensions()
-    log.info(
-        "null-space projection: %d modules, allowed dimensions %d-%d", len(dims), min(dims.values()), max(dims.values())
-    )
+    log.info("null space: %d modules, %d-%d allowed directions", len(dims), min(dims.values()), max(dims.values()))
     return projector

@@ -45,7 +45,7 @@ from learning.anchors import Anchor, Baseline, ensure_baseline, reference_text, 
 from learning.batching import collate
 from learning.config import GateThresholds, KeepFact, TrainSettings
 from learning.examples import Example
-from learning.formatting import encode_example
+from learning.formatting import IGNORE_INDEX, encode_example
 from learning.fsutil import atomic_dir, atomic_write_text
 from learning.gates import GateReport, apply_gates
 from learning.losses import hidden_states, per_row_mean, selected_logits, target_mask, token_ce
@@ -60,6 +60,7 @@ FISHER_FILE = ewc.FISHER_FILE
 REPORT_FILE = "eval_report.json"
 PRIOR_FILE = "prior.json"  # beside the checkpoints: what the replaced version answered, for an exact resume
 REFERENCE_WINDOW = 256
+PROTECTED_ANSWER_TOKENS = 16
 
 
 @dataclass
@@ -182,7 +183,11 @@ def _protected(
             example = Example(id=item.id, prompt=item.prompt, response=prior.answers[item.id])
             out.append(encode_example(tok, example, limit, end_with_eos=False).input_ids)
     for i in list(near_anchors)[: settings.nullspace.nearest_anchors * n_new]:
-        out.append(encode_example(tok, anchors[i].example, limit, end_with_eos=anchors[i].finished).input_ids)
+        # The question and the start of the answer, where a fact is stated; a long answer's rest is general
+        # text the general null space already covers, and protecting all of it leaves nothing to learn with.
+        encoded = encode_example(tok, anchors[i].example, limit, end_with_eos=anchors[i].finished)
+        answer_start = next(i for i, t in enumerate(encoded.labels) if t != IGNORE_INDEX)
+        out.append(encoded.input_ids[: answer_start + PROTECTED_ANSWER_TOKENS])
     return out
 
 
