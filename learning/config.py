@@ -42,11 +42,11 @@ class NullSpaceSettings(BaseModel):
         "median direction's variance.",
     )
     facts_threshold: float = Field(
-        default=1.0,
+        default=0.1,
         gt=0,
         le=1000,
-        description="...and where the protected facts (earlier, must-keep, nearest real ones) put, summed over "
-        "their tokens, less than this times that same median.",
+        description="...and where the kernel's earlier facts and must-keep facts vary less than this times that "
+        "same median.",
     )
     general: bool = Field(default=True, description="Protect general text (anchor answers, reference text).")
     facts: bool = Field(
@@ -55,7 +55,7 @@ class NullSpaceSettings(BaseModel):
         "general questions nearest to each new fact (real facts of the same form) as hard constraints.",
     )
     nearest_anchors: int = Field(
-        default=2, ge=0, le=64, description="General questions protected per new fact (the nearest by prompt)."
+        default=0, ge=0, le=64, description="General questions protected per new fact (the nearest by prompt)."
     )
 
 

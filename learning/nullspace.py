@@ -15,9 +15,8 @@ against the total. Per adapted module we keep an orthonormal basis `U` (d_in x k
    model) give a per-token covariance `C_g`; `U_g` spans its eigen-directions with variance below
    `general_threshold * m`. Computed once per base model and cached.
 2. the keys of every earlier fact (through the previous version, which is what they must keep
-   producing), of the must-keep facts and of the real facts nearest to the new ones give `C_f`,
-   summed over their tokens, not averaged: each is a constraint of its own. Within `U_g`, the
-   directions where they put more than `facts_threshold * m` in all are removed too. Cheap: an
+   producing) and of the must-keep facts give a per-token covariance `C_f`; within `U_g`, the
+   directions where they vary more than `facts_threshold * m` are removed too. Cheap: an
    eigen-decomposition of `k x k`.
 
 The trainer then projects the new adapter rows after every optimizer step: `A ← A U Uᵀ`.
@@ -246,9 +245,11 @@ def build_projector(
             assert isinstance(weight, torch.Tensor)
             bases[n] = torch.eye(weight.shape[1])
     if settings.facts and protected:
-        # Summed, not averaged: each protected key is a constraint of its own, however many others there are.
-        covs, _ = key_covariance(model, {n: modules[n][0] for n in names}, protected, pad_id)
-        bases = {n: restrict(bases[n], covs[n], settings.facts_threshold * medians[n]) for n in names}
+        # Per token, like general text: summed, a few hundred protected sequences already fill a small
+        # model's whole key space (576 dimensions here) and leave nothing to learn with.
+        covs, tokens = key_covariance(model, {n: modules[n][0] for n in names}, protected, pad_id)
+        limit = settings.facts_threshold
+        bases = {n: restrict(bases[n], covs[n] / max(tokens, 1), limit * medians[n]) for n in names}
     by_param = {modules[n][1]: bases[n] for n in names}
     missing = set(params) - set(by_param) - {k for k in params if ".lora_B." in k}
     if missing:
