@@ -64,6 +64,9 @@ PREVIOUS_DEFAULT: dict[str, Any] = {  # what shipped before this benchmark: one 
     "adapter_mode": "continue",
     "nullspace": None,
     "replay_strategy": "uniform",
+    "replay_ratio": 1.0,
+    "learning_rate": 1e-3,
+    "rehearse_must_keep": False,
 }
 PROTECTION_OFF: dict[str, Any] = {
     **PREVIOUS_DEFAULT,
@@ -79,10 +82,12 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "previous_default": PREVIOUS_DEFAULT,
     "previous_default_nearest_replay": {**PREVIOUS_DEFAULT, "replay_strategy": "nearest"},
     "grow_no_projection": {"nullspace": None},
+    "nearest_anchors_protected": {"nullspace": {"nearest_anchors": 2}},
     "nullspace_general_only": {"nullspace": {"facts": False}},
     "nullspace_no_anchors": {"anchor_ratio": 0.0, "neighbour_anchors": False, "kl_weight": 0.0},
     "mid_layers": {"adapter": {"layers": list(range(6, 24))}},
     "self_distilled": {"self_distilled_targets": True},
+    "no_must_keep_rehearsal": {"rehearse_must_keep": False},
     "default": {},
 }
 
@@ -142,15 +147,7 @@ async def run_session(
         pickup = Pickup(store, env.layout, dispatcher, _quiet)
         taught: list[Example] = []
         for number, facts in enumerate(rounds, start=1):
-            await store.experiences.add_many(
-                KERNEL,
-                [
-                    NewExperience(
-                        prompt=e.prompt, response=e.response, key_answer=e.key_answer, paraphrases=e.paraphrases
-                    )
-                    for e in facts
-                ],
-            )
+            await store.experiences.add_many(KERNEL, [_experience(e) for e in facts])
             started = time.perf_counter()
             run, _ = await dispatcher.request(KERNEL)
             code = await anyio.to_thread.run_sync(Worker(env, NoHost()).run)
@@ -281,15 +278,16 @@ def main() -> None:
                 by_seed[seed] = anyio.run(run_session, bundle, shared, seeded, rounds, work)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-        results[name] = {
-            **summarise(by_seed),
-            "settings": settings.model_dump(mode="json"),
-            "per_seed": {str(k): v for k, v in by_seed.items()},
-        }
+            # Written after every seed, so a long benchmark cut short keeps what it measured.
+            results[name] = {
+                **summarise(by_seed),
+                "settings": settings.model_dump(mode="json"),
+                "per_seed": {str(k): v for k, v in by_seed.items()},
+            }
+            results["meta"] = _meta(bundle)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
         print_result(name, results[name])
-        results["meta"] = _meta(bundle)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
 
 
 def print_result(name: str, result: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ReplayStrategy = Literal["uniform", "reservoir", "prioritized", "nearest"]
 AdapterMode = Literal["continue", "grow"]
@@ -66,7 +66,7 @@ class TrainSettings(BaseModel):
 
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     adapter_mode: AdapterMode = Field(
-        default="continue",
+        default="grow",
         description="'continue' trains the deployed adapter further; 'grow' appends grow_rank fresh rows to it "
         "and trains only those (earlier rows frozen), which null-space projection needs.",
     )
@@ -75,9 +75,10 @@ class TrainSettings(BaseModel):
         default=128, ge=2, le=1024, description="Above this rank a grown adapter's earlier rows are compacted (SVD)."
     )
     nullspace: NullSpaceSettings | None = Field(
-        default=None, description="Project this run's update away from preserved keys (needs adapter_mode='grow')."
+        default_factory=NullSpaceSettings,
+        description="Project this run's update away from preserved keys (needs adapter_mode='grow'); None: off.",
     )
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=5e-3, gt=0)
     max_epochs: int = Field(default=16, ge=1, le=1000)
     min_epochs: int = Field(default=1, ge=1, le=1000, description="Epochs before early stopping may trigger.")
     batch_size: int = Field(default=8, ge=1, le=512)
@@ -86,8 +87,8 @@ class TrainSettings(BaseModel):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a share of the peak lr.")
     grad_clip: float = Field(default=1.0, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    replay_ratio: float = Field(default=1.0, ge=0, le=16, description="Replay items per new item.")
-    replay_strategy: ReplayStrategy = "uniform"
+    replay_ratio: float = Field(default=0.5, ge=0, le=16, description="Replay items per new item.")
+    replay_strategy: ReplayStrategy = "nearest"
     replay_alpha: float = Field(default=0.6, ge=0, le=4, description="Priority exponent for prioritized replay.")
     replay_buffer_size: int = Field(default=512, ge=1, description="Reservoir capacity for reservoir replay.")
     anchor_ratio: float = Field(default=1.0, ge=0, le=16, description="Anchor items per new item.")
@@ -102,6 +103,11 @@ class TrainSettings(BaseModel):
         default=False,
         description="Train on the base model's own wording of each new response when it keeps the key answer "
         "(SDFT, learning/sdft.py).",
+    )
+    rehearse_must_keep: bool = Field(
+        default=True,
+        description="Train on the canaries and must-keep facts every epoch, with the answers the replaced "
+        "version gave (CE + KL), so the facts the must-keep gate guards are rehearsed, not only checked.",
     )
     neighbour_anchors: bool = Field(
         default=True,
@@ -123,6 +129,13 @@ class TrainSettings(BaseModel):
     checkpoint_every: int = Field(default=20, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Newest checkpoints kept on disk.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _projection_needs_growth(self) -> TrainSettings:
+        # Projecting a continued adapter would project away what earlier runs learnt, too.
+        if self.nullspace is not None and self.adapter_mode != "grow":
+            raise ValueError("nullspace needs adapter_mode='grow'; set nullspace to null to use 'continue'")
+        return self
 
 
 class KeepFact(BaseModel):

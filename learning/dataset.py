@@ -3,7 +3,8 @@
 The table holds, in order: the new items; the replay set (earlier facts chosen once for the whole
 run, see learning/replay.py); neighbour anchors (each new prompt with its novel words removed,
 answered by the base, see learning/neighbours.py); the anchors nearest to the new items (kept in
-every epoch: general knowledge that looks like what is taught is what is most at risk); the other
+every epoch: general knowledge that looks like what is taught is what is most at risk); the
+must-keep facts with the answers the replaced version gave (every epoch too); the other
 anchors (a fresh uniform sample each epoch). An epoch is a list of batches of table indices, a pure
 function of the table, the epoch number and the seed, so a resumed run replays the same batches.
 """
@@ -55,7 +56,7 @@ class RunData:
     """The item table and which rows each epoch takes."""
 
     items: list[TrainItem]
-    every_epoch: list[int]  # new, replay, neighbours, nearest anchors
+    every_epoch: list[int]  # new, replay, neighbours, nearest anchors, rehearsed must-keep facts
     sampled: list[int]  # the other anchors
     per_epoch_sampled: int
     replayed: list[str]  # ids of the earlier facts in the replay set
@@ -88,10 +89,12 @@ def build(
     settings: TrainSettings,
     kl_cache_dir: Path | None = None,
     near_anchors: Sequence[int] | None = None,
+    rehearsed: Sequence[Anchor] = (),
 ) -> RunData:
     """Choose the replay set and the anchors, encode everything, and compute the base's KL targets.
 
-    `near_anchors` is the anchors' order by closeness to the new items, when the caller has it already.
+    `near_anchors` is the anchors' order by closeness to the new items, when the caller has it already;
+    `rehearsed` are anchors every epoch takes (the must-keep facts).
     """
     s = settings
     with_kl = s.kl_weight > 0
@@ -138,6 +141,7 @@ def build(
     items += [TrainItem(e.id, "replay", encode(e)) for e in chosen]
     items += [anchor_item(a, "neighbour") for a in neighbours]
     items += [anchor_item(anchors[i], "anchor") for i in near]
+    items += [anchor_item(a, "anchor") for a in rehearsed]
     every_epoch = list(range(len(items)))
     items += [anchor_item(anchors[i], "anchor") for i in others]
     return RunData(

@@ -191,6 +191,15 @@ def _protected(
     return out
 
 
+def _rehearsed(keep: Sequence[MustKeep], prior: Prior) -> list[Anchor]:
+    """The must-keep facts the replaced version answers right, as anchors on those very answers."""
+    return [
+        Anchor(Example(id=k.id, prompt=k.prompt, response=prior.answers[k.id]), finished=False)
+        for k in keep
+        if prior.right.get(k.id)
+    ]
+
+
 def _projector(
     bundle: Bundle, model: PeftModel, frozen: int, protected: Sequence[Sequence[int]], settings: TrainSettings
 ) -> nullspace.Projector:
@@ -286,6 +295,7 @@ def run_training(
         settings,
         kl_cache_dir=bundle.cache_dir / "kl" / bundle.baseline.fingerprint,
         near_anchors=near if wants_near else None,
+        rehearsed=_rehearsed(keep, prior) if settings.rehearse_must_keep else (),
     )
     outcome = train(
         model,

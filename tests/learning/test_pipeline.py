@@ -23,8 +23,11 @@ from learning.pipeline import (
 )
 from tests.learning.conftest import facts
 
+# The continued adapter with EWC (the earlier default): the grown, projected one has its own test below.
 SETTINGS = TrainSettings(
     adapter=AdapterSettings(rank=8, alpha=16, target_modules="all-linear"),
+    adapter_mode="continue",
+    nullspace=None,
     learning_rate=1e-2,
     max_epochs=30,
     batch_size=4,
