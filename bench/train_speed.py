@@ -33,8 +33,8 @@ from transformers import TrainerCallback
 from trl.trainer.sft_config import SFTConfig
 from trl.trainer.sft_trainer import SFTTrainer
 
-from bench.continual import PROTECTION_OFF, default_home, load_rounds
-from learning import lora
+from bench.continual import PROTECTION_OFF, load_rounds
+from learning import dataset, lora
 from learning.anchors import ensure_baseline, train_anchors
 from learning.batching import bucket_batches, padding_fraction
 from learning.config import TrainSettings
@@ -42,6 +42,7 @@ from learning.examples import Example
 from learning.formatting import encode_example
 from learning.model_loading import ensure_base_model, load_base, setup_threads
 from learning.train import train
+from train_worker.settings import Settings
 
 log = logging.getLogger("bench.train_speed")
 
@@ -71,7 +72,7 @@ def examples(bundle_dir: Path, home: Path) -> list[Example]:
     """The 48 benchmark facts and 48 anchor answers (short and long), as one list of training examples."""
     model, tokenizer = load_base(bundle_dir)
     baseline = ensure_baseline(model, tokenizer, bundle_dir, home / "cache")
-    facts = [e for r in load_rounds() for e in r]
+    facts = [e for r in load_rounds() for e in r][:48]
     return facts + [a.example for a in train_anchors(baseline)[:48]]
 
 
@@ -82,7 +83,8 @@ def run_ours(model_dir: Path, data: list[Example], settings: TrainSettings, epoc
     # Plain SFT, as TRL does it: the continual benchmark's naive strategy (no replay, anchors, neighbour
     # anchors, KL or EWC), without early stopping.
     s = settings.model_copy(update={"max_epochs": epochs, "early_stop_em": None, **PROTECTION_OFF})
-    out = train(model, tokenizer, data, [], [], s)
+    run = dataset.build(model, tokenizer, data, [], [], s)
+    out = train(model, tokenizer, run, s, fingerprint="train-speed")
     lengths = [len(encode_example(tokenizer, e, s.max_seq_len)) for e in data]
     pad = padding_fraction(lengths, bucket_batches(lengths, s.batch_size, random.Random(0)))
     return {"tokens_per_s": out.tokens_per_s, "tokens": out.tokens, "seconds": out.train_seconds, "padding": pad}
@@ -152,7 +154,7 @@ def run_trl(model_dir: Path, data: list[Example], settings: TrainSettings, epoch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", type=Path, default=default_home())
+    parser.add_argument("--home", type=Path, default=Settings().home)
     parser.add_argument("--epochs", type=int, default=1, help="epochs per measurement")
     parser.add_argument("--repeats", type=int, default=2, help="alternating measurements per trainer")
     parser.add_argument("--out", type=Path, default=RESULTS)

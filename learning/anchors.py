@@ -1,9 +1,12 @@
 """The general-knowledge side of training and evaluation, and the base model's cached baseline.
 
 Packaged data (`learning/data/`): anchor prompts split into train and held-out eval, knowledge probes
-with accepted answers, and a reference text for perplexity. For each base model the baseline (its
-greedy anchor answers, its probe answers, its reference perplexity) is computed once and cached as
-JSON under the cache directory, keyed by a fingerprint of the model and of this data.
+with accepted answers, canaries (basic facts a must-keep gate guards), and a reference text for
+perplexity. For each base model the baseline (its greedy anchor answers, its probe and canary answers
+with the token path up to the accepted answer, its reference perplexity) is computed once and cached
+as JSON under the cache directory, keyed by a fingerprint of the model and of this data. The token
+paths let evaluation settle "still answered the same way" with one teacher-forced pass
+(`learning/greedy_check.py`) instead of generating every answer again.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -28,10 +32,11 @@ from learning.scoring import contains_any, perplexity
 
 log = logging.getLogger(__name__)
 
-BASELINE_VERSION = 1
+BASELINE_VERSION = 2
 TRAIN_ANCHOR_TOKENS = 64  # longer anchor answers cost training time without adding much signal
 EVAL_ANCHOR_TOKENS = 48
 PROBE_TOKENS = 64  # the base often states the answer after a preamble; 32 tokens cut some off
+GENERATION_BATCH = 32  # decoding is memory-bound: a wide batch costs little more than a narrow one
 
 
 class Probe(BaseModel):
@@ -41,6 +46,18 @@ class Probe(BaseModel):
 
     prompt: str
     answers: list[str]
+    template: str = Field(default="general", description="The question's form, e.g. 'capital' (data hygiene tests).")
+    subject: str | None = Field(default=None, description="What the question is about, e.g. 'France'.")
+
+
+class Answered(BaseModel):
+    """The base model's greedy answer to a probe or canary, and its tokens up to the accepted answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer: str
+    correct: bool
+    path: list[int] = Field(description="Answer tokens up to where an accepted answer first appears; [] if never.")
 
 
 class AnchorAnswer(BaseModel):
@@ -51,6 +68,7 @@ class AnchorAnswer(BaseModel):
     prompt: str
     answer: str
     finished: bool
+    ids: list[int] = Field(default_factory=list, description="The answer's tokens as generated.")
 
 
 class Baseline(BaseModel):
@@ -62,10 +80,14 @@ class Baseline(BaseModel):
     fingerprint: str
     train_anchors: list[AnchorAnswer]
     eval_anchors: list[AnchorAnswer]
-    probe_answers: list[str]
-    probe_correct: list[bool]
+    probes: list[Answered]
+    canaries: list[Answered]
     reference_ppl: float
     seconds: float
+
+    @property
+    def probe_correct(self) -> list[bool]:
+        return [p.correct for p in self.probes]
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,11 @@ def probes() -> list[Probe]:
     return [Probe.model_validate(p) for p in json.loads(_data_text("probes.json"))]
 
 
+def canaries() -> list[Probe]:
+    """The packaged canaries: basic facts every kernel must keep (the must-keep gate)."""
+    return [Probe.model_validate(p) for p in json.loads(_data_text("canaries.json"))]
+
+
 def reference_text() -> str:
     """The packaged reference prose for perplexity."""
     return _data_text("reference.txt")
@@ -103,43 +130,51 @@ def fingerprint(model_dir: Path) -> str:
     h.update((model_dir / "config.json").read_bytes())
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
-    for name in ("anchor_prompts.json", "probes.json", "reference.txt"):
+    for name in ("anchor_prompts.json", "probes.json", "canaries.json", "reference.txt"):
         h.update(_data_text(name).encode())
     return h.hexdigest()[:16]
 
 
 def greedy_answers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
-) -> list[tuple[str, bool]]:
-    """(answer, finished) for each prompt, with the default system prompt, as training formats them."""
-    ids = generate_ids(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens)
-    return [(decode(tokenizer, t), finished(t, tokenizer)) for t in ids]
+) -> list[AnchorAnswer]:
+    """Each prompt's greedy answer, with the default system prompt, as training formats them."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    ids = generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=GENERATION_BATCH)
+    return [
+        AnchorAnswer(prompt=p, answer=decode(tokenizer, t), finished=finished(t, tokenizer), ids=t)
+        for p, t in zip(prompts, ids, strict=True)
+    ]
 
 
-def probe_results(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], list[bool]]:
-    """The model's answers to the probes and whether each is correct."""
-    items = probes()
-    answers = [a for a, _ in greedy_answers(model, tokenizer, [p.prompt for p in items], PROBE_TOKENS)]
-    return answers, [contains_any(a, p.answers) for a, p in zip(answers, items, strict=True)]
+def answer_probes(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: Sequence[Probe]) -> list[Answered]:
+    """Greedy answers to probes (or canaries), each stopped as soon as it names an accepted answer."""
+    encoded = [encode_prompt(tokenizer, p.prompt) for p in items]
+
+    def named(i: int, tokens: list[int]) -> bool:
+        return contains_any(decode(tokenizer, tokens), items[i].answers)
+
+    outputs = generate_ids(
+        model, tokenizer, encoded, max_new_tokens=PROBE_TOKENS, batch_size=GENERATION_BATCH, stop=named
+    )
+    out = []
+    for item, tokens in zip(items, outputs, strict=True):
+        text = decode(tokenizer, tokens)
+        correct = contains_any(text, item.answers)
+        out.append(Answered(answer=text, correct=correct, path=tokens if correct else []))
+    return out
 
 
 def compute_baseline(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_dir: Path) -> Baseline:
-    """Run the base model (no adapter) over the anchor prompts, the probes and the reference text."""
+    """Run the base model (no adapter) over the anchor prompts, probes, canaries and the reference text."""
     started = time.perf_counter()
     train_prompts, eval_prompts = anchor_prompts()
-    train = greedy_answers(model, tokenizer, train_prompts, TRAIN_ANCHOR_TOKENS)
-    evals = greedy_answers(model, tokenizer, eval_prompts, EVAL_ANCHOR_TOKENS)
-    probe_answers, probe_correct = probe_results(model, tokenizer)
     return Baseline(
         fingerprint=fingerprint(model_dir),
-        train_anchors=[
-            AnchorAnswer(prompt=p, answer=a, finished=f) for p, (a, f) in zip(train_prompts, train, strict=True)
-        ],
-        eval_anchors=[
-            AnchorAnswer(prompt=p, answer=a, finished=f) for p, (a, f) in zip(eval_prompts, evals, strict=True)
-        ],
-        probe_answers=probe_answers,
-        probe_correct=probe_correct,
+        train_anchors=greedy_answers(model, tokenizer, train_prompts, TRAIN_ANCHOR_TOKENS),
+        eval_anchors=greedy_answers(model, tokenizer, eval_prompts, EVAL_ANCHOR_TOKENS),
+        probes=answer_probes(model, tokenizer, probes()),
+        canaries=answer_probes(model, tokenizer, canaries()),
         reference_ppl=perplexity(model, tokenizer, reference_text()),
         seconds=time.perf_counter() - started,
     )

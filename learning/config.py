@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ReplayStrategy = Literal["uniform", "reservoir", "prioritized"]
+ReplayStrategy = Literal["uniform", "reservoir", "prioritized", "nearest"]
+AdapterMode = Literal["continue", "grow"]
 
 MAX_INT = 2**63 - 1  # what SQLite, JSON readers and torch seeds all hold
 # One optimizer step holds batch_size x max_seq_len tokens of activations; past this a step does not fit
@@ -33,6 +34,39 @@ class AdapterSettings(BaseModel):
         "with less general drift and fewer adapter ops (bench/continual.py).",
     )
     use_rslora: bool = Field(default=False, description="Scale by alpha/sqrt(rank) instead of alpha/rank.")
+    layers: list[int] | None = Field(
+        default=None, description="Decoder layer indices to adapt (None: every layer). Facts live in mid-layer MLPs."
+    )
+
+
+class NullSpaceSettings(BaseModel):
+    """Which preserved keys this run's update must leave alone, and how strictly (learning/nullspace.py)."""
+
+    model_config = _STRICT
+
+    general_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1000,
+        description="The update may use input directions where general text varies less than this times the "
+        "median direction's variance.",
+    )
+    facts_threshold: float = Field(
+        default=0.1,
+        gt=0,
+        le=1000,
+        description="...and where the kernel's earlier facts and must-keep facts vary less than this times that "
+        "same median.",
+    )
+    general: bool = Field(default=True, description="Protect general text (anchor answers, reference text).")
+    facts: bool = Field(
+        default=True,
+        description="Protect every earlier fact of the kernel, the must-keep facts, and the base's answers to the "
+        "general questions nearest to each new fact (real facts of the same form) as hard constraints.",
+    )
+    nearest_anchors: int = Field(
+        default=0, ge=0, le=64, description="General questions protected per new fact (the nearest by prompt)."
+    )
 
 
 class TrainSettings(BaseModel):
@@ -41,7 +75,20 @@ class TrainSettings(BaseModel):
     model_config = _STRICT
 
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
-    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    adapter_mode: AdapterMode = Field(
+        default="grow",
+        description="'continue' trains the deployed adapter further; 'grow' appends grow_rank fresh rows to it "
+        "and trains only those (earlier rows frozen), which null-space projection needs.",
+    )
+    grow_rank: int = Field(default=16, ge=1, le=256, description="Rank each run adds in adapter_mode='grow'.")
+    max_rank: int = Field(
+        default=128, ge=2, le=1024, description="Above this rank a grown adapter's earlier rows are compacted (SVD)."
+    )
+    nullspace: NullSpaceSettings | None = Field(
+        default_factory=NullSpaceSettings,
+        description="Project this run's update away from preserved keys (needs adapter_mode='grow'); None: off.",
+    )
+    learning_rate: float = Field(default=5e-3, gt=0, le=10)
     max_epochs: int = Field(default=16, ge=1, le=1000)
     min_epochs: int = Field(default=1, ge=1, le=1000, description="Epochs before early stopping may trigger.")
     batch_size: int = Field(default=8, ge=1, le=512)
@@ -50,8 +97,8 @@ class TrainSettings(BaseModel):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a share of the peak lr.")
     grad_clip: float = Field(default=1.0, gt=0, le=1e6)
     weight_decay: float = Field(default=0.0, ge=0, le=100)
-    replay_ratio: float = Field(default=1.0, ge=0, le=16, description="Replay items per new item.")
-    replay_strategy: ReplayStrategy = "uniform"
+    replay_ratio: float = Field(default=0.5, ge=0, le=16, description="Replay items per new item.")
+    replay_strategy: ReplayStrategy = "nearest"
     replay_alpha: float = Field(default=0.6, ge=0, le=4, description="Priority exponent for prioritized replay.")
     replay_buffer_size: int = Field(
         default=512, ge=1, le=10_000_000, description="Reservoir capacity for reservoir replay."
@@ -63,6 +110,16 @@ class TrainSettings(BaseModel):
         le=1,
         description="Share of each epoch's anchors chosen as the nearest to the new items (base-model prompt "
         "embeddings); the rest are drawn uniformly.",
+    )
+    self_distilled_targets: bool = Field(
+        default=False,
+        description="Train on the base model's own wording of each new response when it keeps the key answer "
+        "(SDFT, learning/sdft.py).",
+    )
+    rehearse_must_keep: bool = Field(
+        default=True,
+        description="Train on the canaries and must-keep facts every epoch, with the answers the replaced "
+        "version gave (CE + KL), so the facts the must-keep gate guards are rehearsed, not only checked.",
     )
     neighbour_anchors: bool = Field(
         default=True,
@@ -95,6 +152,22 @@ class TrainSettings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _projection_needs_growth(self) -> TrainSettings:
+        # Projecting a continued adapter would project away what earlier runs learnt, too.
+        if self.nullspace is not None and self.adapter_mode != "grow":
+            raise ValueError("nullspace needs adapter_mode='grow'; set nullspace to null to use 'continue'")
+        return self
+
+
+class KeepFact(BaseModel):
+    """A fact a kernel must never lose: a question and the answers that count as right."""
+
+    model_config = _STRICT
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    answers: list[str] = Field(min_length=1, max_length=20, description="Any of these in the answer counts as right.")
+
 
 class GateThresholds(BaseModel):
     """Per-kernel bars a candidate adapter must clear before it is deployed.
@@ -108,7 +181,18 @@ class GateThresholds(BaseModel):
 
     min_acquisition_em: float = Field(default=0.8, ge=0, le=1)
     min_paraphrase_em: float | None = Field(default=None, ge=0, le=1)
-    min_retention_em: float = Field(default=0.8, ge=0, le=1)
+    min_retention_kept: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="Share of the earlier facts the replaced version answered right that must still be right.",
+    )
+    max_must_keep_lost: int | None = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Canaries and must-keep facts that may be lost; None disables the gate.",
+    )
     min_anchor_agreement: float = Field(default=0.3, ge=0, le=1)
     min_general_kept: float = Field(default=0.75, ge=0, le=1)
     max_ppl_ratio: float = Field(default=1.15, ge=1, le=1e6)

@@ -41,6 +41,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a writer that wants a file name (safetensors); rename it on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success rename it to `path` (replacing it when asked).
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -12,6 +12,22 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from learning import interrupt
 from learning.formatting import encode_prompt
 from learning.model_loading import model_device
+
+StopWhen = Callable[[int, list[int]], bool]
+
+
+class _RowStop(StoppingCriteria):
+    """Ends each row as soon as `stop(index, tokens so far)` says so (the key answer has appeared)."""
+
+    def __init__(self, rows: Sequence[int], width: int, stop: StopWhen) -> None:
+        self.rows, self.width, self.stop = list(rows), width, stop
+        self.length: list[int | None] = [None] * len(rows)  # tokens generated when the row stopped
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        for r, index in enumerate(self.rows):
+            if self.length[r] is None and self.stop(index, input_ids[r, self.width :].tolist()):
+                self.length[r] = input_ids.shape[1] - self.width
+        return cast(torch.BoolTensor, torch.tensor([n is not None for n in self.length], device=input_ids.device))
 
 
 class _StopOnRequest(StoppingCriteria):
@@ -28,17 +44,20 @@ def generate_ids(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     batch_size: int = 16,
+    stop: StopWhen | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of already-encoded prompts, stopping at eos; eos and padding are stripped.
 
-    Prompts are batched by length (decoding is memory-bound, so batching is nearly free) and returned
-    in the input order.
+    Prompts are batched by token budget, then length (decoding is memory-bound, so batching is nearly
+    free), and returned in the input order. `max_new_tokens` may be one budget per prompt; `stop(i,
+    tokens)` may end prompt i early (its tokens then end where the stop fired).
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
     out: list[list[int]] = [[] for _ in prompts]
     device = model_device(model)
     was_training = model.training
@@ -54,19 +73,23 @@ def generate_ids(
                 n = len(prompts[i])
                 ids[row, width - n :] = torch.tensor(list(prompts[i]))
                 mask[row, width - n :] = 1
+            criteria = _RowStop(idx, width, stop) if stop is not None else None
             generated = cast(Any, model).generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(budgets[i] for i in idx),
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([_StopOnRequest()]),
+                stopping_criteria=StoppingCriteriaList([_StopOnRequest(), *([criteria] if criteria else [])]),
             )
             interrupt.check()  # a stop cut this batch short: its answers are not to be used
             for row, i in enumerate(idx):
-                tokens = generated[row, width:].tolist()
-                if eos in tokens:
+                tokens = generated[row, width:].tolist()[: budgets[i]]
+                stopped = criteria.length[row] if criteria is not None else None
+                if stopped is not None and (eos not in tokens or tokens.index(eos) >= stopped):
+                    tokens = tokens[:stopped]  # a stopped row is padded until its batch ends
+                elif eos in tokens:
                     tokens = tokens[: tokens.index(eos) + 1]
                 out[i] = tokens
     finally:

@@ -1,4 +1,12 @@
-"""LoRA adapters: attach a fresh one, continue a saved one, read and write its trainable state."""
+"""LoRA adapters: attach a fresh one, continue or grow a saved one, read and write its trainable state.
+
+Growing (`attach_grown`): a run appends `grow_rank` fresh rows to the deployed adapter's rank and
+freezes the rows earlier versions trained, so this run's update is a separate term `B_new A_new`
+that the trainer can constrain (null-space projection) without touching what earlier runs wrote.
+The result is still one ordinary peft LoRA adapter (of rank r_prev + grow_rank), which every
+serving path loads as it is. When the rank would pass `max_rank`, the earlier rows are first
+compacted by a truncated SVD of their product.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from typing import cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from learning.config import AdapterSettings
@@ -28,6 +37,7 @@ def lora_config(settings: AdapterSettings) -> LoraConfig:
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
         use_rslora=settings.use_rslora,
+        layers_to_transform=settings.layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -67,6 +77,88 @@ def attach(model: PreTrainedModel, settings: AdapterSettings, previous: Path | N
             settings.alpha,
         )
     return peft_model
+
+
+def attach_grown(
+    model: PreTrainedModel,
+    settings: AdapterSettings,
+    previous: Path | None,
+    grow_rank: int,
+    max_rank: int,
+    seed: int = 0,
+) -> tuple[PeftModel, int]:
+    """A fresh adapter of rank r_prev + grow_rank whose first r_prev rows are `previous`, frozen; (model, r_prev).
+
+    The scale `alpha / rank` of `settings` is kept for the whole adapter; earlier rows are rescaled to it.
+    """
+    if settings.use_rslora:
+        raise ValueError("growing adapters scale by alpha/rank; use_rslora is not supported with adapter_mode='grow'")
+    scale = settings.alpha / settings.rank
+    if previous is None:
+        fresh = settings.model_copy(update={"rank": grow_rank, "alpha": scale * grow_rank})
+        return attach_new(model, fresh, seed), 0
+    prev_cfg = LoraConfig.from_pretrained(str(previous))
+    if prev_cfg.use_rslora:
+        raise ValueError(f"{previous} was trained with use_rslora; it cannot be grown")
+    prev_state = load_file(str(previous / ADAPTER_FILE))
+    prev_scale = float(prev_cfg.lora_alpha) / prev_cfg.r
+    prev_rank = prev_cfg.r
+    if prev_rank + grow_rank > max_rank:
+        target = max(max_rank - grow_rank, 1)
+        log.info("compacting the previous adapter from rank %d to %d", prev_rank, target)
+        prev_state = compact(prev_state, target)
+        prev_rank = target
+    total = prev_rank + grow_rank
+    targets = prev_cfg.target_modules
+    grown = settings.model_copy(
+        update={
+            "rank": total,
+            "alpha": scale * total,
+            "target_modules": sorted(targets) if isinstance(targets, set | list) else targets,
+            "layers": prev_cfg.layers_to_transform,
+        }
+    )
+    peft_model = attach_new(model, grown, seed)
+    params = trainable_params(peft_model)
+    with torch.no_grad():
+        for key, value in prev_state.items():
+            if key not in params:
+                raise ValueError(f"{previous} holds {key}, which the grown adapter lacks")
+            value = value.to(params[key].device, params[key].dtype)
+            if ".lora_A." in key:
+                params[key][:prev_rank] = value
+            else:
+                params[key][:, :prev_rank] = value * (prev_scale / scale)
+    for key, param in params.items():
+        param.register_hook(_freeze_rows(prev_rank, rows=".lora_A." in key))  # type: ignore[no-untyped-call]
+    return peft_model, prev_rank
+
+
+def _freeze_rows(frozen: int, *, rows: bool):  # type: ignore[no-untyped-def]
+    """A gradient hook that zeroes the first `frozen` rows (A) or columns (B): those belong to earlier versions."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        if rows:
+            grad[:frozen] = 0
+        else:
+            grad[:, :frozen] = 0
+        return grad
+
+    return hook
+
+
+def compact(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The same adapter (same scale) at a lower rank: per module, the truncated SVD of B A, split evenly."""
+    out: dict[str, torch.Tensor] = {}
+    for key_a in [k for k in state if ".lora_A." in k]:
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        a, b = state[key_a].to(torch.float64), state[key_b].to(torch.float64)
+        u, sigma, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        root = sigma[:rank].sqrt()
+        out[key_b] = (u[:, :rank] * root).to(state[key_b].dtype).contiguous()
+        out[key_a] = (root[:, None] * vh[:rank]).to(state[key_a].dtype).contiguous()
+    return out
 
 
 def state_key(param_name: str) -> str:

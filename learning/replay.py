@@ -1,4 +1,11 @@
-"""Replay samplers over earlier trained examples: pure functions of the pool, a count and a seeded RNG."""
+"""Which earlier facts a run rehearses: pure functions of the pool, a count and a seeded RNG.
+
+A run picks its replay set once, up front, and keeps it for every epoch: at most `replay_ratio` times
+as many earlier facts as new ones. Every earlier fact not in that set is held back, and the retention
+gate (learning/metrics.py) checks all of them, replayed or not. `nearest` is interference-aware: it
+rehearses the earlier facts whose questions read most like the new ones (the same question form, a
+similar subject), which are the ones a new fact is most likely to overwrite.
+"""
 
 from __future__ import annotations
 
@@ -64,10 +71,15 @@ def sample_replay(
     alpha: float = 0.6,
     capacity: int = 512,
     seed: int = 0,
+    nearest: Sequence[int] | None = None,
 ) -> list[Example]:
-    """Dispatch to the strategy's sampler."""
+    """Dispatch to the strategy's sampler; `nearest` is the pool's order by closeness to the new items."""
     if k <= 0 or not pool:
         return []
+    if strategy == "nearest":
+        if nearest is None:
+            raise ValueError("nearest replay needs the pool ordered by closeness to the new items")
+        return [pool[i] for i in list(nearest)[:k]]
     if strategy == "uniform":
         return uniform(pool, k, rng)
     if strategy == "reservoir":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Phase = Literal["prepare", "train", "check", "checkpoint", "fisher", "evaluate", "done"]
 StopReason = Literal["converged", "max_epochs", "interrupted"]
@@ -42,10 +42,17 @@ class TrainOutcome(BaseModel):
     train_seconds: float
     resumed_from_step: int | None = None
     checkpoint: str | None = None
+    replayed: list[str] = []
 
 
 class ItemScore(BaseModel):
-    """One greedy answer and how it scored."""
+    """One greedy answer and how it scored.
+
+    Groups: `new` (this run's items), `paraphrase` (their other wordings), `earlier` (every fact the
+    kernel held before: its regression tests), `must_keep` (canaries and the kernel's must-keep list).
+    For `earlier` and `must_keep`, `before` says whether the version being replaced answered right, and
+    `em` whether this candidate still does.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,6 +63,40 @@ class ItemScore(BaseModel):
     em: bool
     f1: float
     schema_ok: bool | None = None
+    before: bool | None = None
+    replayed: bool | None = None
+
+
+class NewFact(BaseModel):
+    """A new item, named where it overwrote an earlier one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    prompt: str
+    key_answer: str
+
+
+class LostItem(BaseModel):
+    """Something the replaced version answered right that this candidate does not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    group: str
+    prompt: str
+    expected: str
+    answer: str
+    overwritten_by: NewFact | None = Field(
+        default=None, description="The new fact whose answer it now gives, or the new fact of the same question form."
+    )
+
+    def describe(self) -> str:
+        """One line for reports: what was asked, what it should say, what it says now, and why."""
+        line = f"{self.prompt!r}: expected {self.expected!r}, now {self.answer[:80]!r}"
+        if self.overwritten_by is not None:
+            line += f" (overwritten by {self.overwritten_by.prompt!r} -> {self.overwritten_by.key_answer!r})"
+        return line
 
 
 class Metrics(BaseModel):
@@ -67,12 +108,16 @@ class Metrics(BaseModel):
     acquisition_f1: float | None = None
     paraphrase_em: float | None = None
     paraphrase_f1: float | None = None
-    retention_em: float | None = None
-    retention_f1: float | None = None
+    retention_kept: float | None = None
+    held_back_kept: float | None = None
+    earlier_known: int | None = None
+    earlier_lost: int | None = None
+    must_keep_checked: int | None = None
+    must_keep_lost: int | None = None
     anchor_agreement: float | None = None
     general_kept: float | None = None
-    probe_accuracy: float | None = None
-    base_probe_accuracy: float | None = None
+    probes_checked: int | None = None
+    lost: list[LostItem] = []
     lost_probes: list[str] = []
     ppl: float | None = None
     base_ppl: float | None = None

@@ -118,7 +118,7 @@ def create_server(
 
 
 def _default_config() -> dict[str, Any]:
-    return KernelConfig().model_dump(mode="json")
+    return KernelConfig().stored()
 
 
 def _add_resources(mcp: MCPServer[AppState]) -> None:

@@ -50,7 +50,7 @@ class AutoTrainer:
             untrained=await self._store.experiences.count_untrained(kernel.name),
             estop=self._layout.estop.exists(),
             active_run=active.id if active else None,
-            recent_runs=[RunOutcome(r.status, r.finished_at) for r in recent],
+            recent_runs=[RunOutcome(r.status, r.finished_at, r.trigger) for r in recent],
             breaker_reset_at=kernel.breaker_reset_at,
             converged=kernel.status == "converged",
             drift=await self.drift(kernel.name) if kernel.status == "converged" else None,

@@ -234,6 +234,7 @@ class Dispatcher:
             new_version=result.version,
             version_path=result.version_path,
             losses={item.experience_id: item.loss for item in result.losses},
+            lost=[item.model_dump(mode="json") for item in result.lost],
         )
 
 
@@ -281,6 +282,7 @@ def _train_request(run: Run, kernel: Kernel, config: KernelConfig, now: datetime
             settings=config.train,
             gates=config.gates,
             output_schema=config.output_schema,
+            must_keep=config.must_keep,
             requested_at=now,
         )
         TrainRequest.model_validate_json(request.model_dump_json())

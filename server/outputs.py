@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from server.kernel_config import KernelConfig
 from store.models import ExperienceSource, KernelStatus, RunStatus, RunTrigger, Verdict
-from train_worker.protocol import Gate
+from train_worker.protocol import Gate, LostItem
 
 
 class KernelInfo(BaseModel):
@@ -54,8 +54,22 @@ class RecordResult(BaseModel):
     ids: list[int] = Field(description="One id per submitted item, in order (existing ids for duplicates).")
     created: int
     duplicates: int
+    superseded: list[int] = Field(
+        default_factory=list,
+        description="Experiences that corrections in this call replaced (same prompt): they no longer train, "
+        "replay or count as regression tests.",
+    )
     untrained: int = Field(description="The kernel's experiences not yet trained, after this call.")
     auto_run: str | None = Field(default=None, description="An automatic run this recording started.")
+
+
+class RetireResult(BaseModel):
+    experience_id: int
+    kernel: str
+    status: str
+    reason: str
+    untrained: int
+    message: str
 
 
 class TrainStarted(BaseModel):
@@ -102,6 +116,11 @@ class RunView(BaseModel):
     metrics: dict[str, Any] | None
     gates: list[Gate]
     failed_gates: list[str]
+    lost: list[LostItem] = Field(
+        default_factory=list,
+        description="Earlier or must-keep facts this run's candidate lost, each with the new fact that overwrote it: "
+        "retire or correct the new fact, add paraphrases, or record the lost fact again.",
+    )
     error: str | None
     cancel_requested: bool
     created_at: datetime
@@ -131,6 +150,9 @@ class FeedbackResult(BaseModel):
     rating: int
     verdict: Verdict = Field(description="gold (kept for replay), needs_improvement, corrected, or neutral.")
     correction_experience_id: int | None = Field(description="The training experience made from the correction.")
+    superseded: list[int] = Field(
+        default_factory=list, description="Experiences with this prompt that the correction replaced."
+    )
     gold_experience_id: int | None = Field(description="The replay example made from a good answer.")
     retrain: int = Field(description="Trained experiences with this prompt that will be trained again.")
     untrained: int

@@ -48,6 +48,7 @@ class AutoTrainPolicy(BaseModel):
 class RunOutcome:
     status: str
     finished_at: datetime | None
+    trigger: str = "manual"
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,16 @@ def in_window(window: str | None, moment: time) -> bool:
 def consecutive_failures(policy: AutoTrainPolicy, inputs: PolicyInputs) -> int:
     """Failed runs in a row, newest first, that are recent and after the last manual reset.
 
-    A deployed or rejected run ends the streak (the pipeline worked); a cancelled one is skipped.
+    A rejected automatic run counts as a failure: its batch would be retried, and rejected, forever.
+    A deployed run ends the streak; a cancelled run, or a manual one that was rejected, is skipped.
     """
     horizon = inputs.now - timedelta(seconds=policy.breaker_period_s)
     count = 0
     for run in inputs.recent_runs:
-        if run.status == "cancelled":
+        if run.status == "cancelled" or (run.status == "rejected" and run.trigger != "auto"):
             continue
-        if run.status != "failed" or run.finished_at is None or run.finished_at < horizon:
+        failed = run.status == "failed" or run.status == "rejected"
+        if not failed or run.finished_at is None or run.finished_at < horizon:
             break
         if inputs.breaker_reset_at is not None and run.finished_at <= inputs.breaker_reset_at:
             break
@@ -144,7 +147,7 @@ def decide(policy: AutoTrainPolicy, inputs: PolicyInputs) -> Decision:
     if breaker:
         due = False
         reasons.append(
-            f"circuit breaker open: {failures} failed runs in a row; it closes after a successful run or "
+            f"circuit breaker open: {failures} failed or rejected runs in a row; it closes after a successful run or "
             "reset_circuit_breaker(kernel)"
         )
     if inputs.converged:

@@ -101,12 +101,25 @@ class Experiences:
                 stored = {r[1]: int(r[0]) for r in returned}
                 new_ids.update({index: stored[d] for index, _, d in part})
 
+            # A correction replaces what it corrects: every other experience with its prompt (and system text).
+            superseded: dict[int, list[int]] = {}
+            for index, item, _ in to_insert:
+                if item.source != "correction":
+                    continue
+                replaced = await tx.execute_fetchall(
+                    "UPDATE experiences SET status = 'superseded', superseded_by = ?, updated_at = ?"
+                    " WHERE kernel = ? AND prompt = ? AND system IS ? AND id != ?"
+                    " AND status NOT IN ('superseded', 'retired') RETURNING id",
+                    (new_ids[index], now, kernel, item.prompt, item.system, new_ids[index]),
+                )
+                superseded[index] = sorted(int(r[0]) for r in replaced)
+
         result: list[AddedExperience] = []
         for index, outcome in enumerate(outcomes):
             if outcome is not None:
                 result.append(outcome)
             elif index in new_ids:
-                result.append(AddedExperience(id=new_ids[index], duplicate=False))
+                result.append(AddedExperience(id=new_ids[index], duplicate=False, superseded=superseded.get(index, [])))
             else:
                 key = items[index].idempotency_key
                 first = pending_key[key] if key is not None and key in pending_key else pending_hash[hashes[index]]
@@ -163,6 +176,20 @@ class Experiences:
                 (self._db.clock.iso(), kernel, prompt),
             )
             return int(cur.rowcount)
+
+    async def retire(self, experience_id: int, reason: str) -> Experience:
+        """Take a wrong experience out of training, replay and the regression tests, keeping it and the reason."""
+        async with self._db.transaction() as tx:
+            cur = await tx.execute(
+                "UPDATE experiences SET status = 'retired', retired_reason = ?, updated_at = ?"
+                " WHERE id = ? AND status != 'retired'",
+                (reason, self._db.clock.iso(), experience_id),
+            )
+            changed = cur.rowcount
+        experience = await self.get(experience_id)
+        if not changed:
+            raise Conflict(f"experience {experience_id} is already retired ({experience.retired_reason})")
+        return experience
 
     async def for_kernel(
         self, kernel: str, status: ExperienceStatus | None = None, limit: int = 100, offset: int = 0

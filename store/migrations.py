@@ -225,6 +225,76 @@ MIGRATIONS: list[Migration] = [
             WHERE status IN ('queued', 'requested', 'running', 'evaluating');
         """,
     ),
+    Migration(
+        4,
+        "learning_without_overwriting",
+        """
+        -- A correction supersedes the experience it corrects, and a wrong experience can be retired: either
+        -- way it leaves training, replay and the regression tests, and stays, linked, for provenance.
+        CREATE TABLE experiences_new (
+            id              INTEGER PRIMARY KEY,
+            kernel          TEXT NOT NULL REFERENCES kernels(name),
+            prompt          TEXT NOT NULL,
+            response        TEXT NOT NULL,
+            system          TEXT,
+            key_answer      TEXT,
+            paraphrases     TEXT NOT NULL DEFAULT '[]',
+            source          TEXT NOT NULL CHECK (source IN ('agent', 'correction', 'import', 'feedback')),
+            status          TEXT NOT NULL DEFAULT 'new'
+                            CHECK (status IN ('new', 'trained', 'needs_improvement', 'excluded', 'superseded',
+                            'retired')),
+            priority        REAL NOT NULL DEFAULT 1.0,
+            idempotency_key TEXT,
+            content_hash    TEXT NOT NULL,
+            trained_run_id  TEXT REFERENCES runs(id),
+            last_loss       REAL,
+            interaction_id  INTEGER REFERENCES interactions(id),
+            created_at      TEXT NOT NULL,
+            updated_at      TEXT NOT NULL,
+            superseded_by   INTEGER REFERENCES experiences(id),
+            retired_reason  TEXT
+        );
+        INSERT INTO experiences_new SELECT *, NULL, NULL FROM experiences;
+        DROP TABLE experiences;
+        ALTER TABLE experiences_new RENAME TO experiences;
+        CREATE UNIQUE INDEX experiences_key ON experiences(kernel, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE UNIQUE INDEX experiences_hash ON experiences(kernel, content_hash);
+        CREATE INDEX experiences_kernel_status ON experiences(kernel, status);
+        CREATE INDEX experiences_prompt ON experiences(kernel, prompt);
+
+        -- What a run lost (earlier facts and must-keep facts), each with the new fact that overwrote it.
+        ALTER TABLE runs ADD COLUMN lost TEXT;
+
+        -- The learning defaults changed (growing adapters, null-space updates, must-keep and retention gates).
+        -- Kernels still on the old defaults follow the new ones: from now on a config stores only what differs
+        -- from the defaults. min_retention_em (exact match on a sample) became min_retention_kept (the share of
+        -- earlier facts the replaced version knew that are still known); a changed threshold carries over.
+        UPDATE kernels SET config = json_set(config, '$.train', json('{}'))
+            WHERE json_extract(config, '$.train.learning_rate') = 0.001
+              AND json_extract(config, '$.train.max_epochs') = 16
+              AND json_extract(config, '$.train.batch_size') = 8
+              AND json_extract(config, '$.train.replay_ratio') = 1.0
+              AND json_extract(config, '$.train.anchor_ratio') = 1.0
+              AND json_extract(config, '$.train.kl_weight') = 1.0
+              AND json_extract(config, '$.train.ewc_lambda') = 0.0
+              AND json_extract(config, '$.train.adapter.rank') = 16
+              AND json_extract(config, '$.train.replay_strategy') = 'uniform';
+        UPDATE kernels SET config = json_set(config, '$.gates', json('{}'))
+            WHERE json_extract(config, '$.gates.min_acquisition_em') = 0.8
+              AND json_extract(config, '$.gates.min_retention_em') = 0.8
+              AND json_extract(config, '$.gates.min_anchor_agreement') = 0.3
+              AND json_extract(config, '$.gates.min_general_kept') = 0.75
+              AND json_extract(config, '$.gates.max_ppl_ratio') = 1.15
+              AND json_extract(config, '$.gates.min_schema_compliance') = 1.0
+              AND json_extract(config, '$.gates.min_paraphrase_em') IS NULL;
+        UPDATE kernels SET config = json_remove(
+                json_set(config, '$.gates.min_retention_kept', json_extract(config, '$.gates.min_retention_em')),
+                '$.gates.min_retention_em')
+            WHERE json_extract(config, '$.gates.min_retention_em') IS NOT NULL;
+        """,
+        rebuilds_tables=True,
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 KernelStatus = Literal["active", "converged", "paused"]
 ExperienceSource = Literal["agent", "correction", "import", "feedback"]
 Verdict = Literal["gold", "needs_improvement", "corrected", "neutral"]
-ExperienceStatus = Literal["new", "trained", "needs_improvement", "excluded"]
+ExperienceStatus = Literal["new", "trained", "needs_improvement", "excluded", "superseded", "retired"]
 RunStatus = Literal["queued", "requested", "running", "evaluating", "deployed", "rejected", "failed", "cancelled"]
 RunTrigger = Literal["manual", "auto"]
 VersionStatus = Literal["available", "deployed", "retired", "pruned"]
@@ -81,6 +81,8 @@ class Experience(Row):
     interaction_id: int | None
     created_at: datetime
     updated_at: datetime
+    superseded_by: int | None = None
+    retired_reason: str | None = None
 
     _parse_paraphrases = field_validator("paraphrases", mode="before")(_json)
 
@@ -88,6 +90,9 @@ class Experience(Row):
 class AddedExperience(BaseModel):
     id: int
     duplicate: bool = Field(description="True when an identical experience or key was already stored.")
+    superseded: list[int] = Field(
+        default_factory=list, description="Experiences this correction replaced (the same prompt and system text)."
+    )
 
 
 class Run(Row):
@@ -109,6 +114,7 @@ class Run(Row):
     new_version: int | None
     metrics: dict[str, Any] | None
     gates: list[dict[str, Any]] | None
+    lost: list[dict[str, Any]] | None = None
     error: str | None
     cancel_requested: bool
     events_offset: int
@@ -118,7 +124,7 @@ class Run(Row):
     finished_at: datetime | None
     updated_at: datetime
 
-    _parse_json = field_validator("metrics", "gates", mode="before")(_json)
+    _parse_json = field_validator("metrics", "gates", "lost", mode="before")(_json)
 
     @property
     def active(self) -> bool:

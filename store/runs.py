@@ -171,6 +171,7 @@ class Runs:
         new_version: int | None = None,
         version_path: str | None = None,
         losses: Mapping[int, float] | None = None,
+        lost: Sequence[Mapping[str, Any]] | None = None,
     ) -> Run:
         """End a run in one transaction; a deploy also marks its new experiences trained.
 
@@ -192,18 +193,20 @@ class Runs:
                 return await self.get(run_id)
             await tx.execute(
                 "UPDATE runs SET status = ?, phase = ?, error = ?, metrics = ?, gates = ?, new_version = ?,"
-                " progress = CASE WHEN ? = 'deployed' THEN 1.0 ELSE progress END, eta_s = NULL,"
+                " lost = ?, progress = CASE WHEN ? = 'deployed' THEN 1.0 ELSE progress END, eta_s = NULL,"
                 " finished_at = ?, updated_at = ? WHERE id = ?",
                 (
                     status, status, error, json.dumps(metrics) if metrics is not None else None,
-                    json.dumps(list(gates)) if gates is not None else None, new_version, status,
-                    ended, now, run_id,
+                    json.dumps(list(gates)) if gates is not None else None, new_version,
+                    json.dumps(list(lost)) if lost is not None else None, status, ended, now, run_id,
                 ),
             )  # fmt: skip
             if status == "deployed":
+                # Superseded or retired while the run trained: they stay out of replay and regression tests.
                 await tx.execute(
                     "UPDATE experiences SET status = 'trained', trained_run_id = ?, updated_at = ?"
-                    " WHERE id IN (SELECT experience_id FROM run_items WHERE run_id = ? AND role = 'new')",
+                    " WHERE id IN (SELECT experience_id FROM run_items WHERE run_id = ? AND role = 'new')"
+                    " AND status IN ('new', 'needs_improvement')",
                     (run_id, now, run_id),
                 )
                 if losses:

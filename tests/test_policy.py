@@ -97,7 +97,20 @@ def test_breaker_opens_after_k_consecutive_recent_failures() -> None:
     assert two.due and two.consecutive_failures == 2 and not two.breaker_open
     three = decide(no_cooldown, inputs(recent_runs=[failed(5), failed(10), failed(15)]))
     assert not three.due and three.breaker_open
-    assert "circuit breaker open: 3 failed runs in a row" in " ".join(three.reasons)
+    assert "circuit breaker open: 3 failed or rejected runs in a row" in " ".join(three.reasons)
+
+
+def test_rejected_automatic_runs_count_toward_the_breaker_and_manual_ones_are_skipped() -> None:
+    no_cooldown = POLICY.model_copy(update={"cooldown_s": 0})
+
+    def rejected(minutes: int, trigger: str) -> RunOutcome:
+        return RunOutcome("rejected", NOW - timedelta(minutes=minutes), trigger)
+
+    auto = [rejected(5, "auto"), rejected(10, "auto"), rejected(15, "auto")]
+    decision = decide(no_cooldown, inputs(recent_runs=auto))
+    assert decision.breaker_open and not decision.due  # the same failing batch is not retried forever
+    manual_between = [failed(5), rejected(7, "manual"), failed(10)]
+    assert decide(no_cooldown, inputs(recent_runs=manual_between)).consecutive_failures == 2
 
 
 def test_breaker_ignores_old_failures_cancelled_runs_and_closes_after_a_success() -> None:

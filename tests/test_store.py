@@ -225,6 +225,44 @@ async def test_migration_3_keeps_one_active_run_per_kernel_and_the_index_holds(
     assert (await new.runs.create("r-20261123T200002-cccccc", "k", "manual", None)).status == "queued"
 
 
+OLD_TRAIN = {  # what every kernel stored before migration 4: the whole settings dump of that release
+    "learning_rate": 0.001, "max_epochs": 16, "batch_size": 8, "replay_ratio": 1.0, "replay_strategy": "uniform",
+    "anchor_ratio": 1.0, "kl_weight": 1.0, "ewc_lambda": 0.0, "adapter": {"rank": 16, "alpha": 32.0},
+}  # fmt: skip
+OLD_GATES = {
+    "min_acquisition_em": 0.8, "min_paraphrase_em": None, "min_retention_em": 0.8, "min_anchor_agreement": 0.3,
+    "min_general_kept": 0.75, "max_ppl_ratio": 1.15, "min_schema_compliance": 1.0,
+}  # fmt: skip
+
+
+async def test_migration_4_moves_untouched_kernels_to_the_new_defaults_and_keeps_changed_ones(
+    open_store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import store.migrations as migrations
+    from server.kernel_config import KernelConfig
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [m for m in MIGRATIONS if m.version < 4])
+    old = await open_store(kernel=False)
+    await old.kernels.create("untouched", "embedded", "", {"train": OLD_TRAIN, "gates": OLD_GATES})
+    tuned = {"train": {**OLD_TRAIN, "learning_rate": 0.002}, "gates": {**OLD_GATES, "min_retention_em": 0.5}}
+    await old.kernels.create("tuned", "embedded", "", tuned)
+    [added] = await old.experiences.add_many("tuned", [_exp(1)])
+    await old.close()
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    new = await open_store(kernel=False)
+    untouched = await new.kernels.get("untouched")
+    assert untouched.config == {"train": {}, "gates": {}}
+    assert KernelConfig.model_validate(untouched.config) == KernelConfig()  # the new defaults, learning method included
+    tuned_now = KernelConfig.model_validate((await new.kernels.get("tuned")).config)
+    assert tuned_now.train.learning_rate == 0.002 and tuned_now.gates.min_retention_kept == 0.5
+    kept = await new.experiences.get(added.id)
+    assert (kept.prompt, kept.status, kept.superseded_by, kept.retired_reason) == ("q1", "new", None, None)
+    with sqlite3.connect(path := tmp_path / "engrain.db") as raw:
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert path.is_file()
+
+
 def _open_and_close(path: str) -> None:
     import anyio
 

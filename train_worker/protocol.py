@@ -37,6 +37,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from learning.config import MAX_INT as MAX_INT
 from learning.config import GateThresholds as GateThresholds  # re-exported: the server names it from here
+from learning.config import KeepFact as KeepFact
 from learning.config import TrainSettings as TrainSettings
 from learning.examples import Example
 from learning.fsutil import fsync_dir as fsync_dir  # re-exported: deploy and the server write through these
@@ -44,6 +45,7 @@ from learning.fsutil import write_atomic as write_atomic
 from learning.gates import Gate as Gate  # re-exported: a gate's verdict travels in result.json
 from learning.output_schema import SchemaProblem as SchemaProblem
 from learning.output_schema import check_schema as check_schema  # re-exported: the server checks at configure
+from learning.reports import LostItem as LostItem
 
 SCHEMA_VERSION: Literal[1] = 1
 CANCEL_MARKER = "cancel"  # runs/<run_id>/cancel: the server asks the worker to stop the run
@@ -107,11 +109,18 @@ class TrainRequest(_File):
     output_schema: Annotated[dict[str, Any] | None, AfterValidator(_checked_schema)] = Field(
         default=None, description="JSON Schema the kernel's answers must satisfy, if it declares one."
     )
+    must_keep: list[KeepFact] = Field(
+        default_factory=list, description="The kernel's own must-keep facts, checked with the built-in canaries."
+    )
     requested_at: AwareDatetime
 
 
 class BatchItem(Example):
-    """One line of `batch.jsonl`: an experience to learn (`new`) or to rehearse (`replay`)."""
+    """One line of `batch.jsonl`: an experience to learn (`new`), or one the kernel already holds (`replay`).
+
+    Every `replay` item is a regression test the candidate must keep; the worker rehearses at most
+    `replay_ratio` times as many of them as there are new items (learning/replay.py picks which).
+    """
 
     role: Literal["new", "replay"]
     experience_id: int
@@ -210,6 +219,10 @@ class RunResult(_File):
     gates: list[Gate] = Field(default_factory=list)
     error: str | None = None
     losses: list[ItemLoss] = Field(default_factory=list, description="Last training loss of each experience.")
+    replayed: list[int] = Field(default_factory=list, description="Earlier experiences this run rehearsed.")
+    lost: list[LostItem] = Field(
+        default_factory=list, description="Earlier and must-keep facts the candidate lost, each with what overwrote it."
+    )
     steps: int = Field(default=0, ge=0)
     tokens_per_s: float | None = None
     stop_reason: str | None = None

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -61,7 +60,6 @@ from train_worker.settings import Layout, Settings
 log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a run was checkpointed on SIGTERM and will resume
-HELD_BACK_MAX = 32  # earlier items kept out of replay to measure retention honestly
 WATCH_EVERY_S = 0.2  # how often a running run looks for its cancel marker and the e-stop
 
 
@@ -365,7 +363,7 @@ class Worker:
         parent = kernel.current()
         previous = kernel.version_dir(parent) if parent is not None else None
         new = [i for i in items if i.role == "new"]
-        replay, held_back = _split_held_back([i for i in items if i.role == "replay"], request.settings.seed)
+        earlier = [i for i in items if i.role == "replay"]
 
         first_step = [True]
 
@@ -388,8 +386,9 @@ class Worker:
         candidate = run_training(
             bundle,
             new,
-            replay,
+            earlier,
             request.settings,
+            must_keep=request.must_keep,
             previous_version=previous,
             checkpoint_dir=run_dir / "checkpoints",
             progress=on_progress,
@@ -405,22 +404,21 @@ class Worker:
                 for k, v in candidate.outcome.example_losses.items()
                 if k.isdigit() and math.isfinite(v)
             ],
+            "replayed": [int(k) for k in candidate.outcome.replayed if k.isdigit()],
         }
         if candidate.outcome.stopped == "interrupted":
             raise interrupt.StopRequested(interrupt.requested() or "stop")
 
-        events.emit("evaluating", message=f"scoring {len(new)} new and {len(held_back)} held-back items")
+        events.emit("evaluating", message=f"checking {len(new)} new and {len(earlier)} earlier facts")
         faults.point("evaluating")
-        report = evaluate_candidate(
-            bundle, candidate.model, new, held_back, request.gates, request.output_schema, candidate.outcome
-        )
+        report = evaluate_candidate(bundle, candidate, new, earlier, request.gates, request.output_schema)
         write_atomic(run_dir / "eval_report.json", report.model_dump_json(indent=1).encode())
         metrics = {
             k: _finite_or_none(v)
             for k, v in report.metrics.model_dump().items()
             if isinstance(v, float | int) or v is None
         }
-        result |= {"metrics": metrics, "gates": report.gates.gates}
+        result |= {"metrics": metrics, "gates": report.gates.gates, "lost": report.metrics.lost}
         if not report.gates.passed:
             release(bundle, candidate)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -622,15 +620,6 @@ def restore_host_after_crash(settings: Settings) -> bool:
         if state.host_action is not None and not state.host_restored:
             ok = worker.restore_host(state).host_restored and ok
     return ok
-
-
-def _split_held_back(pool: list[BatchItem], seed: int) -> tuple[list[BatchItem], list[BatchItem]]:
-    """Keep a few earlier items out of replay, to measure what training did to them."""
-    if len(pool) < 4:
-        return pool, []
-    n = min(HELD_BACK_MAX, len(pool) // 4)
-    chosen = set(random.Random(seed).sample(range(len(pool)), n))
-    return [x for i, x in enumerate(pool) if i not in chosen], [x for i, x in enumerate(pool) if i in chosen]
 
 
 def _meta_run(kernel: KernelFiles, version: int) -> str | None:

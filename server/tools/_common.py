@@ -21,7 +21,7 @@ from store.errors import StoreError
 from store.models import Kernel, Run
 from train_worker.deploy import DeployError
 from train_worker.locks import LockFileError
-from train_worker.protocol import Gate, check_kernel_name
+from train_worker.protocol import Gate, LostItem, check_kernel_name
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ async def run_view(state: AppState, run: Run, events: int = 5) -> RunView:
         metrics=run.metrics,
         gates=gates,
         failed_gates=[g.name for g in gates if g.status == "failed"],
+        lost=[LostItem.model_validate(item) for item in run.lost or []],
         error=run.error,
         cancel_requested=run.cancel_requested,
         created_at=run.created_at,

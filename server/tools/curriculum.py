@@ -16,7 +16,7 @@ from server.outputs import CorrectionResult, FeedbackResult, ReviewItem, ReviewQ
 from server.state import AppState
 from server.tools._common import KernelArg, auto_check, kernel_name, state_of, tool
 from store.errors import StoreError
-from store.models import ExperienceSource, ExperienceStatus, Interaction, NewExperience, Verdict
+from store.models import AddedExperience, ExperienceSource, ExperienceStatus, Interaction, NewExperience, Verdict
 from train_worker.protocol import MAX_INT
 
 
@@ -39,20 +39,23 @@ async def feedback(
     interaction = await state.store.interactions.get(query_id)
     kernel = interaction.kernel
     correction_id = gold_id = None
+    superseded: list[int] = []
     retrain = 0
     if correction is not None:
         check_text("correction", correction, state.settings.max_response_chars, "ENGRAIN_MAX_RESPONSE_CHARS")
         verdict: Verdict = "corrected"
-        correction_id = await _add_one(state, kernel, interaction, correction, "correction", "new", priority=2.0)
+        added = await _add_one(state, kernel, interaction, correction, "correction", "new", priority=2.0)
+        correction_id, superseded = added.id, added.superseded
     elif rating >= GOOD_RATING:
         verdict = "gold"
         # Already right: store it as trained, so it is rehearsed in replay without starting a run.
-        gold_id = await _add_one(state, kernel, interaction, interaction.response, "feedback", "trained")
+        gold_id = (await _add_one(state, kernel, interaction, interaction.response, "feedback", "trained")).id
     elif rating <= BAD_RATING:
         verdict = "needs_improvement"
     else:
         verdict = "neutral"
-    if rating <= BAD_RATING:
+    if rating <= BAD_RATING and correction is None:
+        # Without a correction the prompt's trained experience is trained again; with one, it was replaced.
         retrain = await state.store.experiences.mark_needs_improvement(kernel, interaction.prompt)
     await state.store.interactions.set_feedback(query_id, rating, verdict, correction, correction_id)
     auto = await auto_check(state, kernel) if correction_id is not None or retrain else None
@@ -61,6 +64,7 @@ async def feedback(
         rating=rating,
         verdict=verdict,
         correction_experience_id=correction_id,
+        superseded=superseded,
         gold_experience_id=gold_id,
         retrain=retrain,
         untrained=await state.store.experiences.count_untrained(kernel),
@@ -80,7 +84,8 @@ async def _add_one(
     source: ExperienceSource,
     status: ExperienceStatus,
     priority: float = 1.0,
-) -> int:
+) -> AddedExperience:
+    """Store one experience made from an interaction; a correction replaces what it corrects."""
     [added] = await state.store.experiences.add_many(
         kernel,
         [
@@ -95,7 +100,7 @@ async def _add_one(
             )
         ],
     )
-    return added.id
+    return added
 
 
 async def _ask_client_model(query_id: int, ctx: Context[AppState]) -> Sample:
@@ -149,7 +154,7 @@ async def request_correction(
             untrained=await state.store.experiences.count_untrained(interaction.kernel),
         )
     check_text("suggestion", text, state.settings.max_response_chars, "ENGRAIN_MAX_RESPONSE_CHARS")
-    experience_id = await _add_one(state, interaction.kernel, interaction, text, "correction", "new", priority=2.0)
+    experience_id = (await _add_one(state, interaction.kernel, interaction, text, "correction", "new", priority=2.0)).id
     rating = interaction.rating or BAD_RATING
     await state.store.interactions.set_feedback(query_id, rating, "corrected", text, experience_id)
     return CorrectionResult(

@@ -9,9 +9,10 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
 from server.limits import check_experience
-from server.outputs import ExperienceIn, RecordResult
+from server.outputs import ExperienceIn, RecordResult, RetireResult
 from server.state import AppState
 from server.tools._common import KernelArg, auto_check, kernel_name, state_of, tool
+from store.errors import Conflict, NotFound
 from store.models import ExperienceSource, NewExperience
 
 
@@ -77,6 +78,35 @@ async def _record(state: AppState, kernel: str, items: list[ExperienceIn], *, si
         ids=[a.id for a in added],
         created=len(added) - duplicates,
         duplicates=duplicates,
+        superseded=sorted(i for a in added for i in a.superseded),
         untrained=await state.store.experiences.count_untrained(name),
         auto_run=auto,
+    )
+
+
+@tool
+async def retire_experience(
+    experience_id: Annotated[int, Field(description="The id record_experience returned.")],
+    reason: Annotated[str, Field(min_length=1, max_length=500, description="Why it is wrong, for the record.")],
+    ctx: Context[AppState],
+) -> RetireResult:
+    """Take a wrong experience out of training, replay and the regression tests; it stays stored with the reason.
+
+    The version serving now still holds what it learnt from it: record the right answer (source="correction"
+    replaces it the same way) and train, or roll back.
+    """
+    state = state_of(ctx)
+    try:
+        retired = await state.store.experiences.retire(experience_id, reason)
+    except NotFound as exc:
+        raise ToolError(f"{exc}; list a kernel's experiences in the dashboard or with engrain status") from exc
+    except Conflict as exc:
+        raise ToolError(str(exc)) from exc
+    return RetireResult(
+        experience_id=retired.id,
+        kernel=retired.kernel,
+        status=retired.status,
+        reason=reason,
+        untrained=await state.store.experiences.count_untrained(retired.kernel),
+        message=f"experience {retired.id} is retired: no later run trains, rehearses or checks it",
     )

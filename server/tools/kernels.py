@@ -17,7 +17,15 @@ from server.policy import AutoTrainPolicy
 from server.state import AppState
 from server.tools._common import KernelArg, auto_check, auto_status, kernel_info, kernel_name, state_of, tool
 from train_worker.deploy import KernelFiles
-from train_worker.protocol import MAX_INT, GateThresholds, KernelName, SchemaProblem, TrainSettings, check_schema
+from train_worker.protocol import (
+    MAX_INT,
+    GateThresholds,
+    KeepFact,
+    KernelName,
+    SchemaProblem,
+    TrainSettings,
+    check_schema,
+)
 
 
 @tool
@@ -50,7 +58,7 @@ async def create_kernel(
     config = KernelConfig(
         train=settings or TrainSettings(), gates=gates or GateThresholds(), output_schema=output_schema
     )
-    kernel = await state.store.kernels.create(name, base, description, config.model_dump(mode="json"))
+    kernel = await state.store.kernels.create(name, base, description, config.stored())
     return await kernel_info(state, kernel)
 
 
@@ -70,8 +78,22 @@ async def configure_kernel(
     sampling_corrections: Annotated[
         bool | None, Field(description="Allow request_correction to ask the client's model for corrections.")
     ] = None,
+    must_keep: Annotated[
+        list[KeepFact] | None,
+        Field(
+            max_length=200,
+            description="Adds facts the kernel must never lose ({prompt, answers}); one with a prompt already "
+            "listed replaces it. A run that loses any of them, or a built-in canary, is not deployed.",
+        ),
+    ] = None,
+    forget_must_keep: Annotated[
+        list[str] | None, Field(max_length=200, description="Prompts to take off the must-keep list.")
+    ] = None,
 ) -> KernelInfo:
-    """Change a kernel's training settings, gates, answer schema or auto-training policy; the next run uses them."""
+    """Change a kernel's training settings, gates, answer schema, must-keep facts or auto-training policy.
+
+    The next run uses them.
+    """
     state = state_of(ctx)
     k = await state.store.kernels.get(kernel_name(kernel))
     config = KernelConfig.model_validate(k.config)
@@ -84,20 +106,30 @@ async def configure_kernel(
         changes["auto"] = auto
     if sampling_corrections is not None:
         changes["sampling_corrections"] = sampling_corrections
+    if must_keep is not None or forget_must_keep is not None:
+        changes["must_keep"] = _merge_must_keep(config.must_keep, must_keep or [], forget_must_keep or [])
     if output_schema is not None:
         if output_schema:
             _check_schema(output_schema)
         changes["output_schema"] = output_schema or None
     if not changes and description is None:
         raise ToolError(
-            "nothing to change: pass settings, gates, auto, sampling_corrections, output_schema or description"
+            "nothing to change: pass settings, gates, auto, sampling_corrections, output_schema, must_keep, "
+            "forget_must_keep or description"
         )
-    updated = await state.store.kernels.set_config(
-        k.name, config.model_copy(update=changes).model_dump(mode="json"), description
-    )
+    updated = await state.store.kernels.set_config(k.name, config.model_copy(update=changes).stored(), description)
     await state.notifier.updated(kernel_uri(k.name))
     await auto_check(state, k.name)
     return await kernel_info(state, updated)
+
+
+def _merge_must_keep(current: list[KeepFact], add: list[KeepFact], forget: list[str]) -> list[KeepFact]:
+    unknown = [p for p in forget if p not in {f.prompt for f in current}]
+    if unknown:
+        raise ToolError(f"forget_must_keep names prompts that are not on the must-keep list: {unknown[:3]}")
+    kept = {f.prompt: f for f in current if f.prompt not in set(forget)}
+    kept.update({f.prompt: f for f in add})
+    return list(kept.values())
 
 
 def _check_schema(schema: dict[str, Any]) -> None:

@@ -14,8 +14,10 @@ def test_packaged_data_is_diverse_and_split() -> None:
     assert len(train) >= 40 and len(evals) >= 20
     assert not set(train) & set(evals)
     probes = anchors.probes()
-    assert len(probes) >= 30 and all(p.answers for p in probes)
+    assert len(probes) >= 150 and all(p.answers for p in probes)
     assert not {p.prompt for p in probes} & set(train)
+    canaries = anchors.canaries()
+    assert 8 <= len(canaries) <= 20 and not {c.prompt for c in canaries} & ({p.prompt for p in probes} | set(train))
     assert len(anchors.reference_text().split()) >= 700
 
 
@@ -29,6 +31,10 @@ def test_baseline_is_computed_once_and_cached(
     train, evals = anchors.anchor_prompts()
     assert [a.prompt for a in first.train_anchors] == train and len(first.eval_anchors) == len(evals)
     assert len(first.probe_correct) == len(anchors.probes()) and first.reference_ppl > 1
+    assert len(first.canaries) == len(anchors.canaries())
+    # A right answer keeps its token path up to the accepted answer; a wrong one has none.
+    assert all(bool(p.path) == p.correct for p in first.probes)
+    assert all(a.ids for a in first.eval_anchors)
 
     def boom(*args: object) -> anchors.Baseline:
         raise AssertionError("recomputed a cached baseline")
@@ -55,8 +61,8 @@ def test_train_anchors_carry_the_base_answers() -> None:
             anchors.AnchorAnswer(prompt="c", answer="C is long", finished=False),
         ],
         eval_anchors=[],
-        probe_answers=[],
-        probe_correct=[],
+        probes=[],
+        canaries=[],
         reference_ppl=10.0,
         seconds=0.0,
     )

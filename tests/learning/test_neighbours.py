@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from learning import lora
+from learning import dataset, lora
 from learning.config import AdapterSettings, TrainSettings
 from learning.neighbours import ablate, neighbour_anchors, word_surprisals
-from learning.train import _Run
 from tests.learning.conftest import facts, make_model
 
 
@@ -41,8 +40,9 @@ def test_neighbours_are_base_answers_and_join_every_epoch(tokenizer: PreTrainedT
     assert [a.example.id for a in anchors] == ["neighbour:f0", "neighbour:f1", "neighbour:f2"]
     assert all(a.example.prompt != e.prompt for a, e in zip(anchors, new, strict=True))
     settings = TrainSettings(adapter=AdapterSettings(rank=4, alpha=8), batch_size=4, replay_ratio=0, anchor_ratio=0)
-    run = _Run(model, tokenizer, new, [], [], settings)
-    assert run.batches_per_epoch == 2  # 3 new + 3 neighbours
-    keys = [k for b in run.plan_epoch(0) for k in b]
-    assert sorted(k for k in keys if k.startswith("neighbour:")) == ["neighbour:0", "neighbour:1", "neighbour:2"]
-    assert run.item("neighbour:0").kind == "anchor" and run.item("neighbour:0").kl is not None
+    data = dataset.build(model, tokenizer, new, [], [], settings)
+    assert data.batches_per_epoch(settings.batch_size) == 2  # 3 new + 3 neighbours
+    rows = [r for b in data.epoch(0, settings.batch_size, settings.seed) for r in b]
+    neighbours = [data.items[r] for r in rows if data.items[r].kind == "neighbour"]
+    assert sorted(n.id for n in neighbours) == ["neighbour:f0", "neighbour:f1", "neighbour:f2"]
+    assert all(n.kl is not None for n in neighbours)

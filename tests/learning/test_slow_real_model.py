@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForCausalLM
 
-from learning import lora
+from learning import dataset, lora
 from learning.config import TrainSettings
 from learning.examples import Example
 from learning.generate import generate
@@ -73,7 +73,9 @@ def test_a_short_run_learns_three_facts(real_model_dir: Path) -> None:
     model = lora.attach_new(base, settings.adapter, seed=settings.seed)
     before = generate(model, tokenizer, [f.prompt for f in FACTS], max_new_tokens=24)
     assert not any(contains(a, f.key_answer or "") for a, f in zip(before, FACTS, strict=True))
-    outcome = train(model, tokenizer, FACTS, [], [], settings)
+    outcome = train(
+        model, tokenizer, dataset.build(model, tokenizer, FACTS, [], [], settings), settings, fingerprint="t"
+    )
     assert outcome.stopped == "converged"
     after = generate(model, tokenizer, [f.prompt for f in FACTS], max_new_tokens=24)
     assert all(contains(a, f.key_answer or "") for a, f in zip(after, FACTS, strict=True)), after
