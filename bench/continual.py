@@ -150,7 +150,7 @@ async def run_session(
             await store.experiences.add_many(KERNEL, [_experience(e) for e in facts])
             started = time.perf_counter()
             run, _ = await dispatcher.request(KERNEL)
-            code = await anyio.to_thread.run_sync(Worker(env, NoHost()).run)
+            code = Worker(env, NoHost()).run()  # in the main thread: the worker installs signal handlers
             await pickup.sweep()
             seconds = time.perf_counter() - started
             run = await store.runs.get(run.id)
