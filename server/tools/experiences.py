@@ -14,6 +14,7 @@ from server.state import AppState
 from server.tools._common import KernelArg, auto_check, kernel_name, state_of, tool
 from store.errors import Conflict, NotFound
 from store.models import ExperienceSource, NewExperience
+from train_worker.protocol import MAX_INT
 
 
 @tool
@@ -86,7 +87,7 @@ async def _record(state: AppState, kernel: str, items: list[ExperienceIn], *, si
 
 @tool
 async def retire_experience(
-    experience_id: Annotated[int, Field(description="The id record_experience returned.")],
+    experience_id: Annotated[int, Field(ge=1, le=MAX_INT, description="The id record_experience returned.")],
     reason: Annotated[str, Field(min_length=1, max_length=500, description="Why it is wrong, for the record.")],
     ctx: Context[AppState],
 ) -> RetireResult:
@@ -99,9 +100,9 @@ async def retire_experience(
     try:
         retired = await state.store.experiences.retire(experience_id, reason)
     except NotFound as exc:
-        raise ToolError(f"{exc}; list a kernel's experiences in the dashboard or with engrain status") from exc
+        raise ToolError(f"experience_id {experience_id}: {exc}; record_experience(s) returned the ids") from exc
     except Conflict as exc:
-        raise ToolError(str(exc)) from exc
+        raise ToolError(f"experience_id {experience_id}: {exc}") from exc
     return RetireResult(
         experience_id=retired.id,
         kernel=retired.kernel,
