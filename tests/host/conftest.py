@@ -91,3 +91,16 @@ def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("fast-cache")
     gguf_tokenizer(None, embedded_gguf_path(), cache)
     return cache
+
+
+def count_batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every batch the engine hands its backend (one entry per decoding loop)."""
+    batches: list[int] = []
+    generate = engine.backend.generate
+
+    def counting(kernel: Any, sequences: Any, admit: Any) -> None:
+        batches.append(len(sequences))
+        generate(kernel, sequences, admit)
+
+    monkeypatch.setattr(engine.backend, "generate", counting)
+    return batches

@@ -18,6 +18,7 @@ from host.engine import Engine, Job
 from host.llama_backend import LlamaCppBackend
 from host.sampling import Sampling
 from learning.formatting import encode_prompt
+from tests.host.conftest import count_batches
 from tests.host.fast import MLP, deploy_random
 from tests.procs import wait_for
 from train_worker.deploy import KernelFiles
@@ -61,14 +62,7 @@ def test_answers_stream_stop_and_repeat_a_seed(fast: Engine) -> None:
 
 
 def test_concurrent_requests_share_steps_and_newcomers_join(fast: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    generate = fast.backend.generate
-
-    def counting(kernel: Any, sequences: Any, admit: Any) -> None:
-        calls.append(len(sequences))
-        generate(kernel, sequences, admit)
-
-    monkeypatch.setattr(fast.backend, "generate", counting)
+    calls = count_batches(fast, monkeypatch)
     alone = [ask(fast, "default", q).tokens for q in QUESTIONS]
     calls.clear()
     first = fast.submit(Job("default", encode_prompt(fast.tokenizer, QUESTIONS[0]), 48))
