@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,14 +94,27 @@ def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def count_batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+class Batches(list[int]):
+    """The size of every batch the engine hands its backend; `idle` is set while no decoding loop runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = threading.Event()
+        self.idle.set()
+
+
+def count_batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Batches:
     """Record the size of every batch the engine hands its backend (one entry per decoding loop)."""
-    batches: list[int] = []
+    batches = Batches()
     generate = engine.backend.generate
 
     def counting(kernel: Any, sequences: Any, admit: Any) -> None:
+        batches.idle.clear()
         batches.append(len(sequences))
-        generate(kernel, sequences, admit)
+        try:
+            generate(kernel, sequences, admit)
+        finally:
+            batches.idle.set()
 
     monkeypatch.setattr(engine.backend, "generate", counting)
     return batches

@@ -64,6 +64,8 @@ def test_answers_stream_stop_and_repeat_a_seed(fast: Engine) -> None:
 def test_concurrent_requests_share_steps_and_newcomers_join(fast: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = count_batches(fast, monkeypatch)
     alone = [ask(fast, "default", q).tokens for q in QUESTIONS]
+    # A loop looks for newcomers once more after its last answer: let it end, or `first` would join it.
+    assert calls.idle.wait(30)
     calls.clear()
     first = fast.submit(Job("default", encode_prompt(fast.tokenizer, QUESTIONS[0]), 48))
     time.sleep(0.3)  # the first request is decoding when the others arrive
