@@ -14,11 +14,11 @@ import socket
 import uvicorn
 
 from host.app import create_app
+from host.backends import BackendUnavailable, choose_backend
 from host.endpoint import remove_endpoint, write_endpoint
 from host.engine import Engine
 from host.kernel_watch import KernelWatcher
 from host.lease_watch import LeaseWatcher
-from host.transformers_backend import TransformersBackend
 from train_worker.auth_token import load_or_create_token
 from train_worker.locks import host_lock
 from train_worker.settings import Settings
@@ -60,14 +60,15 @@ def serve(settings: Settings) -> int:
         return 0
     try:
         try:
+            backend = choose_backend(settings)
             sock = bind(settings.host_address, settings.host_port)
-        except PortTaken as exc:
+        except (BackendUnavailable, PortTaken) as exc:
             log.error("%s", exc)
             return 1
         address, port = sock.getsockname()[:2]
         url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
         token, _ = load_or_create_token(settings)
-        engine = Engine(settings, TransformersBackend(settings))
+        engine = Engine(settings, backend)
         lease_watcher = LeaseWatcher(engine)
         engine.start(load=not lease_watcher.prime())
         KernelWatcher(engine).start()

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="The host's inference backend: llama.cpp (fast on a CPU; needs the `fast` extra and a GGUF "
         "base), transformers (fp32 reference, GPU), or auto (llama.cpp when it can serve the base, else transformers).",
     )
+    host_gguf_type: Literal["as-shipped", "f16", "f32"] = Field(
+        default="as-shipped",
+        description="Weights the llama.cpp backend serves: the GGUF file as shipped (the embedded model's is "
+        "Q4_1: fastest), or an f16 or f32 copy made from it once (slower; answers closer to the fp32 model the "
+        "worker trains and evaluates; on f32 a kernel's greedy answers match transformers + peft).",
+    )
     host_threads: int | None = Field(
         default=None,
         ge=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,10 +13,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from host.engine import Engine
+from host.llama_backend import gguf_tokenizer
 from host.transformers_backend import TransformersBackend
 from learning.formatting import encode_prompt
 from learning.generate import generate_ids
-from learning.model_loading import load_base
+from learning.model_loading import embedded_gguf_path, load_base
 from train_worker.deploy import KernelFiles
 from train_worker.protocol import VersionMeta, write_model
 from train_worker.settings import Settings
@@ -31,6 +33,24 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, targets: Any) -> None
     get_peft_model(base, config).save_pretrained(str(folder))
 
 
+def install(settings: Settings, kernel: str, version: int, staged: Path, base_model: str) -> Path:
+    """Write meta.json into a staged adapter folder, install it as vN and switch to it, as a deploy does."""
+    files = KernelFiles(settings.layout, kernel)
+    meta = VersionMeta(
+        kernel=kernel,
+        version=version,
+        run_id=f"r-20261123T200000-00000{version}",
+        parent_version=None,
+        base_model=base_model,
+        created_at=datetime.now(UTC),
+    )
+    write_model(staged / "meta.json", meta)
+    folder = files.install(staged, version)
+    with files.locked():
+        files.switch(version)
+    return folder
+
+
 def deploy(
     settings: Settings,
     kernel: str,
@@ -41,24 +61,9 @@ def deploy(
     base_model: str | None = None,
 ) -> Path:
     """Install and switch to a new version, as a worker's deploy does; `base_model` defaults to `model_dir`."""
-    files = KernelFiles(settings.layout, kernel)
-    staged = files.versions_dir / f".v{version}.staging"
+    staged = KernelFiles(settings.layout, kernel).versions_dir / f".v{version}.staging"
     make_adapter(model_dir, staged, seed, targets)
-    write_model(
-        staged / "meta.json",
-        VersionMeta(
-            kernel=kernel,
-            version=version,
-            run_id=f"r-20261123T200000-00000{version}",
-            parent_version=None,
-            base_model=base_model or str(model_dir),
-            created_at=datetime.now(UTC),
-        ),
-    )
-    folder = files.install(staged, version)
-    with files.locked():
-        files.switch(version)
-    return folder
+    return install(settings, kernel, version, staged, base_model or str(model_dir))
 
 
 def reference(model_dir: Path, adapter: Path | None, prompts: list[str], tokens: int = 12) -> list[list[int]]:
@@ -79,3 +84,37 @@ def engine(tiny_env: dict[str, str]) -> Iterator[Engine]:
     assert engine.status == "ok"
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded GGUF's tokenizer, read once per session (transformers takes seconds to parse a GGUF)."""
+    cache = tmp_path_factory.mktemp("fast-cache")
+    gguf_tokenizer(None, embedded_gguf_path(), cache)
+    return cache
+
+
+class Batches(list[int]):
+    """The size of every batch the engine hands its backend; `idle` is set while no decoding loop runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = threading.Event()
+        self.idle.set()
+
+
+def count_batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Batches:
+    """Record the size of every batch the engine hands its backend (one entry per decoding loop)."""
+    batches = Batches()
+    generate = engine.backend.generate
+
+    def counting(kernel: Any, sequences: Any, admit: Any) -> None:
+        batches.idle.clear()
+        batches.append(len(sequences))
+        try:
+            generate(kernel, sequences, admit)
+        finally:
+            batches.idle.set()
+
+    monkeypatch.setattr(engine.backend, "generate", counting)
+    return batches

@@ -13,7 +13,7 @@ import torch
 from host.engine import Engine, Job
 from host.transformers_backend import TransformersBackend
 from learning.formatting import encode_prompt
-from tests.host.conftest import PROMPTS, deploy, reference
+from tests.host.conftest import PROMPTS, count_batches, deploy, reference
 from train_worker.deploy import KernelFiles
 from train_worker.settings import Settings
 
@@ -94,14 +94,7 @@ def test_resident_kernels_do_not_leak_into_each_other(engine: Engine, tiny_base:
 def test_concurrent_requests_share_decoding_steps_streamed_or_not(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    batches: list[int] = []
-    generate = engine.backend.generate
-
-    def counting(kernel: Any, sequences: Any, admit: Any) -> None:
-        batches.append(len(sequences))
-        generate(kernel, sequences, admit)
-
-    monkeypatch.setattr(engine.backend, "generate", counting)
+    batches = count_batches(engine, monkeypatch)
     pieces: list[list[str]] = [[], []]
     jobs = [Job("default", encode_prompt(engine.tokenizer, p), 10) for p in PROMPTS]
     jobs[0].on_text, jobs[1].on_text = pieces[0].append, pieces[1].append

@@ -83,12 +83,12 @@ def test_a_host_started_under_a_live_lease_waits_for_it(procs: Procs, settings: 
     try:
         wait_for(settings.layout.lease.exists, within=10, what="the lease")
         procs.start("host")
-        wait_for(lambda: health(settings).get("status") == "unloaded", within=30, what="the host to listen")
+        wait_for(lambda: health(settings).get("status") == "unloaded", within=60, what="the host to listen")
         assert "host ready" not in procs.log("host")  # it never loaded the model
         holder.terminate()
         holder.wait()
         settings.layout.lease.unlink()  # a worker that ends normally removes its lease
-        wait_for(lambda: health(settings).get("status") == "ok", within=30, what="the host to load")
+        wait_for(lambda: health(settings).get("status") == "ok", within=60, what="the host to load")
     finally:
         holder.kill()
         holder.wait()
