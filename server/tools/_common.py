@@ -11,6 +11,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from server.actions import ActionRefused
 from server.dispatch import NothingToTrain
 from server.host_client import HostError, HostUnavailable
 from server.kernel_config import KernelConfig
@@ -39,7 +40,7 @@ def tool(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain) as exc:
+        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain, ActionRefused) as exc:
             raise ToolError(str(exc)) from exc
 
     TOOLS.append(wrapper)
@@ -109,12 +110,7 @@ async def run_view(state: AppState, run: Run, events: int = 5) -> RunView:
 
 async def auto_check(state: AppState, kernel: str) -> str | None:
     """Start an automatic run if the kernel's policy says one is due; the caller's own work never fails for it."""
-    try:
-        run = await state.autotrainer.check(kernel)
-    except Exception:
-        log.exception("auto-training check failed for kernel %s", kernel)
-        return None
-    return run.id if run is not None else None
+    return await state.autotrainer.check_quietly(kernel)
 
 
 async def auto_status(state: AppState, kernel: Kernel) -> AutoStatus:

@@ -9,8 +9,9 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from server import actions
 from server.outputs import RunView, StatusResult, TrainStarted
-from server.pickup import kernel_uri, run_uri
+from server.pickup import run_uri
 from server.state import AppState
 from server.tools._common import KernelArg, auto_status, kernel_info, kernel_name, run_view, state_of, tool
 from store.models import Run
@@ -119,9 +120,5 @@ async def cancel_training(
 ) -> RunView:
     """Cancel a run: at once if the worker has not started it, otherwise at the worker's next step."""
     state = state_of(ctx)
-    run = await state.store.runs.get(run_id)
-    if not run.active:
-        raise ToolError(f"run {run_id} already ended as {run.status}; nothing to cancel")
-    run = await state.dispatcher.cancel(run)
-    await state.notifier.updated(run_uri(run.id), kernel_uri(run.kernel))
+    run = await actions.cancel(state, await state.store.runs.get(run_id))
     return await run_view(state, run)

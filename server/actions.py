@@ -1,0 +1,149 @@
+"""Operator actions shared by the MCP tools, the dashboard and the CLI, so they can never disagree.
+
+Rollback, cancel, breaker reset and the e-stop each live here once. Rollbacks are also written to the
+kernel's history (`kernels/<name>/rollbacks.jsonl`), because runs record deploys and rejections but nothing
+else records when, and by whom, a kernel was rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+
+from server.outputs import RollbackResult
+from server.pickup import kernel_uri, run_uri
+from server.state import AppState
+from store.models import Kernel, Run
+from train_worker.deploy import KernelFiles
+from train_worker.protocol import write_atomic
+from train_worker.settings import Layout
+
+log = logging.getLogger(__name__)
+
+Via = Literal["mcp", "dashboard", "cli"]
+ROLLBACK_LOG = "rollbacks.jsonl"
+
+
+class ActionRefused(Exception):
+    """The action cannot be done as asked; the message says why and what to do instead."""
+
+
+class RollbackRecord(BaseModel):
+    """One line of `kernels/<name>/rollbacks.jsonl`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ts: AwareDatetime
+    from_version: int | None
+    to_version: int | None
+    via: Via
+
+
+def version_name(version: int | None) -> str:
+    return "the bare base model" if version is None else f"v{version}"
+
+
+async def rollback(state: AppState, kernel: str, version: int | None, via: Via) -> RollbackResult:
+    """Serve an earlier version (None: the one before the current; 0: the bare base) and record it."""
+    k = await state.store.kernels.get(kernel)
+    files = KernelFiles(state.layout, kernel)
+    with files.locked():
+        current = files.current()
+        on_disk = files.versions()
+        if version is None:
+            earlier = [v for v in on_disk if current is None or v < current]
+            if not earlier:
+                raise ActionRefused(
+                    f"kernel {kernel!r} has no version before {version_name(current)} to roll back to; "
+                    "pass version=0 to serve the bare base model"
+                )
+            target: int | None = earlier[-1]
+        else:
+            target = version or None
+            if target is not None and target not in on_disk:
+                kept = ", ".join(f"v{v}" for v in on_disk) or "none"
+                raise ActionRefused(f"kernel {kernel!r} has no version v{target} on disk (kept: {kept})")
+        files.switch(target)
+        record = RollbackRecord(ts=state.store.db.clock.now(), from_version=current, to_version=target, via=via)
+        _append_rollback(files.root / ROLLBACK_LOG, record)
+    await state.store.versions.mark_deployed(kernel, target)
+    await state.notifier.updated(kernel_uri(kernel))
+    return RollbackResult(
+        kernel=kernel,
+        from_version=k.deployed_version,
+        to_version=target,
+        message=f"{kernel} now serves {version_name(target)}; the model host follows within a second",
+    )
+
+
+def _append_rollback(path: Path, record: RollbackRecord) -> None:
+    # Rewritten whole under the kernel lock, so a reader never sees half a line.
+    old = path.read_bytes() if path.exists() else b""
+    write_atomic(path, old + record.model_dump_json().encode() + b"\n")
+
+
+def rollback_history(layout: Layout, kernel: str) -> list[RollbackRecord]:
+    """The kernel's rollbacks, oldest first; a line that does not parse is skipped with a warning."""
+    path = KernelFiles(layout, kernel).root / ROLLBACK_LOG
+    records: list[RollbackRecord] = []
+    with contextlib.suppress(FileNotFoundError):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(RollbackRecord.model_validate(json.loads(line)))
+            except (ValueError, ValidationError) as exc:
+                log.warning("%s line %d skipped: %s", path, number, exc)
+    return records
+
+
+async def cancel(state: AppState, run: Run) -> Run:
+    """Cancel at once if the worker has not started the run, otherwise at its next step."""
+    if not run.active:
+        raise ActionRefused(f"run {run.id} already ended as {run.status}; nothing to cancel")
+    run = await state.dispatcher.cancel(run)
+    await state.notifier.updated(run_uri(run.id), kernel_uri(run.kernel))
+    return run
+
+
+async def reset_breaker(state: AppState, kernel: str) -> Kernel:
+    """Failed runs before now stop counting; an automatic run starts if one is now due."""
+    k = await state.store.kernels.reset_breaker(kernel)
+    await state.autotrainer.check_quietly(k.name)
+    return k
+
+
+def estop_on(state: AppState) -> bool:
+    """Create the e-stop file (no run starts while it exists); False when it was already there."""
+    path = state.layout.estop
+    if path.exists():
+        return False
+    stamp = state.store.db.clock.now().isoformat()
+    write_atomic(path, f"set {stamp}; no run starts, manual or automatic, until this file is removed\n".encode())
+    log.warning("e-stop set: %s", path)
+    return True
+
+
+def estop_off(state: AppState) -> bool:
+    """Remove the e-stop file; False when there was none. Waiting kernels are checked again soon after."""
+    try:
+        os.unlink(state.layout.estop)
+    except FileNotFoundError:
+        return False
+    log.warning("e-stop removed: %s", state.layout.estop)
+    return True
+
+
+def estop_since(layout: Layout) -> datetime | None:
+    """When the e-stop file was created, or None when training is allowed."""
+    try:
+        return datetime.fromtimestamp(layout.estop.stat().st_mtime).astimezone()
+    except FileNotFoundError:
+        return None
