@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -120,24 +120,24 @@ async def reset_breaker(state: AppState, kernel: str) -> Kernel:
     return k
 
 
-def estop_on(state: AppState) -> bool:
+def estop_on(layout: Layout, via: Via) -> bool:
     """Create the e-stop file (no run starts while it exists); False when it was already there."""
-    path = state.layout.estop
-    if path.exists():
+    if layout.estop.exists():
         return False
-    stamp = state.store.db.clock.now().isoformat()
-    write_atomic(path, f"set {stamp}; no run starts, manual or automatic, until this file is removed\n".encode())
-    log.warning("e-stop set: %s", path)
+    layout.home.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    write_atomic(layout.estop, f"set {stamp} via {via}; no run starts until this file is removed\n".encode())
+    log.warning("e-stop set (via %s): %s", via, layout.estop)
     return True
 
 
-def estop_off(state: AppState) -> bool:
-    """Remove the e-stop file; False when there was none. Waiting kernels are checked again soon after."""
+def estop_off(layout: Layout, via: Via) -> bool:
+    """Remove the e-stop file; False when there was none."""
     try:
-        os.unlink(state.layout.estop)
+        os.unlink(layout.estop)
     except FileNotFoundError:
         return False
-    log.warning("e-stop removed: %s", state.layout.estop)
+    log.warning("e-stop removed (via %s): %s", via, layout.estop)
     return True
 
 

@@ -91,6 +91,9 @@ async def open_state(
         await dispatcher.reconcile()
         if services:
             await anyio.to_thread.run_sync(ensure_services, settings)
+        if not (watch or autotrain):
+            yield state  # no task group: the caller's errors reach it unwrapped
+            return
         async with anyio.create_task_group() as tg:
             if watch:
                 tg.start_soon(Watcher(settings.layout).run, pickup)
