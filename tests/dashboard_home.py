@@ -23,8 +23,8 @@ from train_worker.settings import Settings
 # What a person must see as text, never as markup: it is recorded as a prompt and as an answer.
 INJECTION = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 SCRIPT_FACT = {"prompt": f"Code s1? {INJECTION}", "response": "It is <b>zub</b>.", "key_answer": "zub"}
-LAST_FACTS = [{"prompt": f"Code k{i}?", "response": f"It is {w}.", "key_answer": w} for i, w in enumerate(("bop", "fen"))]
-    {"prompt": f"Code k{i}?", "response": f"It is {w}.", "key_answer": w} for i, w in enumerate(["bop", "fen"])
+LAST_FACTS = [
+    {"prompt": f"Code k{i}?", "response": f"It is {w}.", "key_answer": w} for i, w in enumerate(("bop", "fen"))
 ]
 
 

@@ -245,7 +245,8 @@ async def test_a_run_page_shows_progress_curves_and_every_report_group_and_list(
     assert f'data-stream="/dashboard/runs/{run_id}/stream"' in live
     assert 'data-points="5"' in live and "50%" in live and "step 5/10" in live
     # A report with groups and lists this dashboard has never heard of: they show up under their own names.
-    report = {
+    failed_gate = GATE | {"value": 0.5, "status": "failed", "passed": False, "margin": -0.3}
+    report: dict[str, Any] = {
         "metrics": {
             "acquisition_em": 1.0,
             "lost_probes": ["What is the capital of France? -> Lyon"],
@@ -257,15 +258,15 @@ async def test_a_run_page_shows_progress_curves_and_every_report_group_and_list(
         },
         "gates": {
             "passed": False,
-            "gates": [GATE | {"value": 0.5, "status": "failed", "passed": False, "margin": -0.3}],
+            "gates": [failed_gate],
             "failing": ["acquisition"],
             "skipped": [],
         },
         "outcome": None,
         "canary_summary": ["kept 0 of 1"],
-    }  # fmt: skip
+    }
     (layout.run_dir(run_id) / "eval_report.json").write_text(json.dumps(report))
-    result(layout, run_id, "default", "rejected", gates=report["gates"]["gates"], error="not deployed")
+    result(layout, run_id, "default", "rejected", gates=[failed_gate], error="not deployed")
     await dash.state.pickup.sweep()
     page = (await dash.http.get(f"/dashboard/runs/{run_id}")).text
     assert "data-stream" not in page  # ended: nothing more to stream
