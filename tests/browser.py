@@ -175,10 +175,10 @@ def chromium(executable: str | None = None, log: Path | None = None) -> Iterator
     replies_r, replies_w = os.pipe()  # Chromium writes on fd 4, we read
 
     out = log.open("ab") if log else subprocess.DEVNULL
-    # The shell puts the pipe ends on fds 3 and 4, where Chromium looks for them, then becomes Chromium.
+    # bash (dash takes single-digit fds only) puts the pipe ends on fds 3 and 4, then becomes Chromium.
     wiring = f'exec "$0" "$@" 3<&{commands_r} 4>&{replies_w}'
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", wiring, path, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        ["/bin/bash", "-c", wiring, path, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
         pass_fds=(commands_r, replies_w),
         stdout=out,
         stderr=out,

@@ -350,7 +350,11 @@ class Dashboard:
             message, back = result.message, f"{base}/kernels/{name}"
         elif action == "cancel":
             run = await actions.cancel(state, await state.store.runs.get(check_run_id(str(form.get("run", "")))))
-            message = f"run {run.id} is {run.status}" + (" (the worker stops at its next step)" if run.active else "")
+            message = (
+                f"cancel requested: run {run.id} stops at the worker's next step"
+                if run.active
+                else f"run {run.id} is {run.status}"
+            )
             back = f"{base}/runs/{run.id}"
         elif action == "reset-breaker":
             kernel = await actions.reset_breaker(state, check_kernel_name(str(form.get("kernel", ""))))

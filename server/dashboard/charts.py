@@ -39,8 +39,10 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def _label(value: float) -> str:
-    if value != 0 and (abs(value) >= 10_000 or abs(value) < 0.01):
-        return f"{value:.2g}"
+    if abs(value) >= 10_000:
+        return f"{value / 1000:.4g}k"
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.1e}"
     return f"{value:g}" if float(value).is_integer() else f"{value:.3g}"
 
 
