@@ -27,7 +27,7 @@ from train_worker.settings import Layout
 
 log = logging.getLogger(__name__)
 
-Via = Literal["mcp", "dashboard", "cli"]
+Via = Literal["mcp", "dashboard", "cli"]  # who acted: rollbacks come from the first two, the e-stop from all
 ROLLBACK_LOG = "rollbacks.jsonl"
 
 
