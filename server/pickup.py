@@ -139,7 +139,6 @@ class Pickup:
             stored = quarantine(path, self._layout.quarantine, reason)
         except FileNotFoundError:
             return  # another server process quarantined it first
-
         await self._store.quarantine.record(str(path), str(stored), reason)
         log.error("quarantined %s: %s", path.name, reason)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -22,8 +21,6 @@ from store.errors import StoreError
 from store.models import Kernel, Run
 from train_worker.deploy import DeployError
 from train_worker.protocol import Gate, check_kernel_name
-
-log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
