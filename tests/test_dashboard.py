@@ -154,7 +154,9 @@ async def test_estop_on_and_off_through_the_dashboard_stops_train_model(dash: Da
         assert (await call(client, "train_model", kernel="default"))["status"] == "requested"
 
 
-async def test_rollback_goes_through_the_tool_code_and_shows_on_the_timeline(dash: Dash, settings: Settings) -> None:
+async def test_rollback_goes_through_the_tool_code_and_shows_on_the_timeline(
+    dash: Dash, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layout = settings.layout
     csrf = await dash.sign_in()
     async with Client(create_server(settings)) as client:
@@ -186,6 +188,10 @@ async def test_rollback_goes_through_the_tool_code_and_shows_on_the_timeline(das
     assert "rolled back from v2 to v1 (via dashboard)" in page
     assert "rolled back from v1 to v2 (via mcp)" in page
     assert page.count("badge s-deployed") >= 2
+    # Beyond the newest versions (and the served one), older versions are listed without their reports.
+    monkeypatch.setattr("server.views.history.VERSIONS_SHOWN", 1)
+    page = (await dash.http.get("/dashboard/kernels/default")).text
+    assert "1 older versions" in page and 'id="v1"' not in page and 'id="v2"' in page
     # Rolling back to a version that is not on disk is refused and changes nothing.
     before = snapshot(settings)
     refused = await dash.act("rollback", csrf, kernel="default", version="7")

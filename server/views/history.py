@@ -24,6 +24,7 @@ from store.models import Run, Version
 from train_worker.deploy import KernelFiles
 
 LEARNT_SHOWN = 200  # facts listed per version; the count says how many more there are
+VERSIONS_SHOWN = 20  # newest versions shown in full (each reads its report); older ones are listed
 
 EntryKind = Literal["deployed", "rejected", "failed", "cancelled", "rollback", "active"]
 FINAL_KIND: dict[str, EntryKind] = {
@@ -68,11 +69,19 @@ class VersionView(BaseModel):
     compared_with: int | None
 
 
+class OlderVersion(BaseModel):
+    version: int
+    status: str
+    run_id: str | None
+    created_at: datetime
+
+
 class KernelHistory(BaseModel):
     kernel: str
     deployed_version: int | None
     timeline: list[TimelineEntry]
     versions: list[VersionView]
+    older: list[OlderVersion]
 
 
 async def kernel_history(state: AppState, kernel: str) -> KernelHistory:
@@ -80,10 +89,17 @@ async def kernel_history(state: AppState, kernel: str) -> KernelHistory:
     runs = await state.store.runs.recent(kernel, limit=500)
     by_id = {r.id: r for r in runs}
     rows = await state.store.versions.for_kernel(kernel)
-    # A pruned version's folder is gone, but its run folder keeps the report.
-    reports = {v.version: await _version_report(state, kernel, v) for v in rows}
-    versions = [
-        await _version_view(state, v, by_id.get(v.run_id or ""), reports, k.deployed_version) for v in reversed(rows)
+    newest = sorted(rows, key=lambda v: v.version, reverse=True)
+    shown = [v for i, v in enumerate(newest) if i < VERSIONS_SHOWN or v.version == k.deployed_version]
+    # Each shown version is compared with its parent, so the parents' reports are read too. A pruned version's
+    # folder is gone, but its run folder keeps the report.
+    parents = {r.base_version for r in runs if r.new_version in {v.version for v in shown}}
+    reports = {v.version: await _version_report(state, kernel, v) for v in rows if v in shown or v.version in parents}
+    versions = [await _version_view(state, v, by_id.get(v.run_id or ""), reports, k.deployed_version) for v in shown]
+    older = [
+        OlderVersion(version=v.version, status=v.status, run_id=v.run_id, created_at=v.created_at)
+        for v in newest
+        if v not in shown
     ]
     rollbacks = await anyio.to_thread.run_sync(rollback_history, state.layout, kernel)
     return KernelHistory(
@@ -91,6 +107,7 @@ async def kernel_history(state: AppState, kernel: str) -> KernelHistory:
         deployed_version=k.deployed_version,
         timeline=timeline(runs, rollbacks),
         versions=versions,
+        older=older,
     )
 
 

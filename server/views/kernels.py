@@ -45,5 +45,5 @@ async def overview(state: AppState) -> Overview:
     return Overview(
         kernels=[await kernel_row(state, k.name) for k in await state.store.kernels.all()],
         estop_since=estop_since(state.layout),
-        quarantined=len(await state.store.quarantine.recent(limit=1000)),
+        quarantined=await state.store.quarantine.count(),
     )
