@@ -27,7 +27,7 @@ from server.dashboard.auth import COOKIE
 from server.state import AppState, StateRef
 from store.models import NewExperience
 from tests.helpers import claim, event, fake_version, result
-from tests.procs import ENGRAIN
+from tests.procs import ENGRAIN, free_port, processes, wait_for
 from tests.test_server_tools import FACTS, GATE, call, error, snapshot
 from train_worker.settings import Settings
 
@@ -309,3 +309,24 @@ def test_estop_from_the_command_line(home: Path) -> None:
     assert "e-stop on" in engrain("estop", "on") and (home / "ESTOP").exists()
     assert "e-stop on" in engrain("estop", "status")
     assert "e-stop off" in engrain("estop", "off") and not (home / "ESTOP").exists()
+
+
+def test_engrain_dashboard_serves_the_pages_alone(home: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with processes(tmp_path / "logs", {"ENGRAIN_TOKEN": TOKEN}) as procs:
+        procs.start("dashboard", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _get(f"{url}/dashboard/") == 401, within=60, what="engrain dashboard")
+        root = httpx.get(f"{url}/")
+        assert root.status_code == 307 and root.headers["location"] == "/dashboard/"
+        page = httpx.get(f"{url}/dashboard/", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert page.status_code == 200 and 'id="kernel-default"' in page.text
+        assert httpx.get(f"{url}/mcp").status_code == 404  # the dashboard alone: no MCP endpoint
+    assert "dashboard at" in procs.log("dashboard")
+
+
+def _get(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
