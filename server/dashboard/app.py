@@ -283,12 +283,14 @@ class Dashboard:
             current = files.current()
             raw = q.get("version")
             if raw:
-                target: int | None = _int(raw, -1)
-                if target is None or target < 0:
+                target = _int(raw, -1)
+                if target < 0:
                     raise Refused(400, f"version {raw!r} is not a number")
+            elif current is None:
+                raise Refused(409, f"{name} already serves the bare base model; there is nothing to roll back")
             else:
-                target = files.rollback_target()
-            fields = {"kernel": name} | ({"version": str(target)} if raw else {})
+                target = files.rollback_target() or 0  # nothing older: the bare base model
+            fields = {"kernel": name, "version": str(target)}
             back = f"{base}/kernels/{name}"
             title = f"Roll back {name}?"
             text = (
@@ -296,8 +298,6 @@ class Dashboard:
                 f"{actions.version_name(target or None)}; the model host follows within a second. Nothing is "
                 "deleted: you can roll forward again the same way."
             )
-            if not raw and target is None and current is None:
-                raise Refused(409, f"{name} already serves the bare base model; there is nothing to roll back")
         elif action == "cancel":
             run = await self.state.store.runs.get(check_run_id(q.get("run", "")))
             fields = {"run": run.id}
