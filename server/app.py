@@ -15,9 +15,9 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
+from host.client import HostClient
 from server.autotrain import AutoTrainer
 from server.dispatch import Dispatcher
-from server.host_client import HostClient
 from server.kernel_config import KernelConfig
 from server.notify import Notifier, install_legacy_subscriptions
 from server.pickup import Pickup, Watcher
@@ -26,6 +26,7 @@ from server.state import AppState, StateRef
 from server.tools import TOOLS, kernel_info, run_view
 from store import Clock, Store
 from store.errors import NotFound
+from train_worker.auth_token import load_or_create_token
 from train_worker.protocol import check_kernel_name, check_run_id
 from train_worker.settings import Settings
 
@@ -86,7 +87,7 @@ async def open_state(
         dispatcher = Dispatcher(store, settings.layout)
         autotrainer = AutoTrainer(store, settings.layout, dispatcher, notifier.updated, local_tz)
         pickup = Pickup(store, settings.layout, dispatcher, notifier.updated, autotrainer.after_run)
-        host = HostClient(f"http://{settings.host_address}:{settings.host_port}")
+        host = HostClient(settings.layout, load_or_create_token(settings)[0])
         state = AppState(settings, store, dispatcher, pickup, notifier, host, autotrainer, default_base)
         await dispatcher.reconcile()
         if services:

@@ -98,7 +98,7 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_host(args: argparse.Namespace, settings: Settings) -> int:
-    from server.host import serve
+    from host.serve import serve
 
     return serve(settings)
 

@@ -69,7 +69,8 @@ async def _wait_for_host(client: Client, within: float = 900) -> None:
                 await _call(client, "query_kernel", kernel=KERNEL, prompt="Hello", max_new_tokens=1)
                 return
             except RuntimeError as exc:
-                if ("not reachable" not in str(exc) and "not serving" not in str(exc)) or time.monotonic() > deadline:
+                waiting = any(s in str(exc) for s in ("not running", "is starting", "not serving"))
+                if not waiting or time.monotonic() > deadline:
                     raise
             await anyio.sleep(1)
 

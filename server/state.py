@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from host.client import HostClient
 from server.autotrain import AutoTrainer
 from server.dispatch import Dispatcher
-from server.host_client import HostClient
 from server.notify import Notifier
 from server.pickup import Pickup
 from store import Store

@@ -84,9 +84,14 @@ def wait_for(check: Callable[[], Any], within: float = 60, every: float = 0.1, w
     raise TimeoutError(f"timed out after {within:.0f} s waiting for {what}")
 
 
-def host_health(port: int) -> dict[str, Any] | None:
+def host_health(port: int, home: Path | None = None) -> dict[str, Any] | None:
+    """The /health of the host on `port`, asked with the token of `home` (default: $ENGRAIN_HOME's)."""
+    from train_worker.auth_token import load_or_create_token
+    from train_worker.settings import Settings
+
+    token, _ = load_or_create_token(Settings(home=home) if home else Settings())
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        response = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {token}"}, timeout=2)
     except httpx.HTTPError:
         return None
     return dict(response.json()) if response.status_code == 200 else None

@@ -1,6 +1,7 @@
 """The design's import direction, checked on the source.
 
-server → store, train_worker.protocol; train_worker → learning; learning imports nothing of ours.
+server → store, train_worker.protocol, host.client; host → learning; train_worker → learning;
+learning imports nothing of ours. Neither server nor store imports torch, anywhere.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"server", "learning", "store", "train_worker"}
+OURS = {"server", "host", "learning", "store", "train_worker"}
 HEAVY = {"torch", "transformers", "peft", "trl", "accelerate"}
 
 # What each package may import from our own packages (module prefixes).
@@ -19,10 +20,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "learning": ("learning",),
     "store": ("store",),
     "train_worker": ("train_worker", "learning"),
-    # The server reaches the worker only through its torch-free contract modules.
+    # The server reaches the worker only through its torch-free contract modules, the host through its client.
     "server": (
         "server",
         "store",
+        "host.client",
         "train_worker.protocol",
         "train_worker.settings",
         "train_worker.deploy",
@@ -30,11 +32,21 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "train_worker.auth_token",
         "train_worker.host_control",
     ),
+    # The host runs inference with learning/, and reads the home through the same torch-free contracts.
+    "host": (
+        "host",
+        "learning",
+        "train_worker.protocol",
+        "train_worker.settings",
+        "train_worker.deploy",
+        "train_worker.locks",
+        "train_worker.auth_token",
+    ),
 }
-# The model host is the one server module that runs inference, so it may use learning/ and torch.
-HOST_MODULES = ("server.host",)
+# The host's client is what the server imports: it stays torch-free and needs only the API models.
+LIGHT_HOST_MODULES = ("host.client", "host.api", "host.endpoint")
 # The CLI is every process's entry point: it starts the worker and the watcher.
-ENTRY_IMPORTS = {"server.cli": ("train_worker.worker", "train_worker.watch")}
+ENTRY_IMPORTS = {"server.cli": ("train_worker.worker", "train_worker.watch", "host.serve")}
 
 
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:
@@ -57,14 +69,13 @@ def test_import_direction(package: str) -> None:
     problems = []
     for path in sorted((ROOT / package).rglob("*.py")):
         module = _module(path)
-        is_host = module.startswith(HOST_MODULES)
         for name in _imports(path):
             top = name.split(".")[0]
             if top in OURS:
-                allowed = ALLOWED[package] + (("learning",) if is_host else ()) + ENTRY_IMPORTS.get(module, ())
+                allowed = ALLOWED[package] + ENTRY_IMPORTS.get(module, ())
                 if not any(name == a or name.startswith(a + ".") for a in allowed):
                     problems.append(f"{module} imports {name}")
-            if top in HEAVY and package in {"server", "store"} and not is_host:
+            if top in HEAVY and package in {"server", "store"}:
                 problems.append(f"{module} imports {name} (torch stays in the worker and the model host)")
     assert not problems, "\n".join(problems)
 
@@ -83,3 +94,12 @@ def test_light_learning_modules_do_not_import_torch() -> None:
         imports = _imports(ROOT / "train_worker" / f"{name}.py", top_level_only=True)
         assert not {i.split(".")[0] for i in imports} & HEAVY
         assert not {i for i in imports if i.startswith("learning")}
+
+
+def test_the_host_client_is_torch_free() -> None:
+    """What the server imports of the host pulls in neither torch nor learning/."""
+    for module in LIGHT_HOST_MODULES:
+        imports = _imports(ROOT / Path(*module.split(".")).with_suffix(".py"))
+        assert not {i.split(".")[0] for i in imports} & HEAVY, module
+        ours = {i for i in imports if i.split(".")[0] in OURS}
+        assert not ours - {"host.api", "host.endpoint", "train_worker.protocol", "train_worker.settings"}

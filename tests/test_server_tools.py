@@ -351,7 +351,7 @@ async def test_query_without_a_host_says_how_to_start_it(connect: Any, settings:
     async with connect() as client:
         before = snapshot(settings)
         text = await error(client, "query_kernel", kernel="default", prompt="Hi")
-        assert "model host is not reachable" in text and "engrain host" in text
+        assert "model host is not running" in text and "engrain host" in text
         assert snapshot(settings) == before
         assert "no query with id 7" in await error(client, "feedback", query_id=7, rating=1)
 

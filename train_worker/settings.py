@@ -52,7 +52,27 @@ class Settings(BaseSettings):
     )
     mcp_port: int = Field(default=8764, ge=1, le=65535, description="Port of `engrain serve --http`.")
     host_address: str = "127.0.0.1"
-    host_port: int = Field(default=8765, ge=1, le=65535)
+    host_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Loopback port of the model host. 0: a free port picked at start; either way the host "
+        "records it in $ENGRAIN_HOME/host.json, where clients find it. A set port that is taken is an error.",
+    )
+    host_backend: Literal["auto", "transformers", "llama.cpp"] = Field(
+        default="auto",
+        description="The host's inference backend: llama.cpp (fast on a CPU; needs the `fast` extra and a GGUF "
+        "base), transformers (fp32 reference, GPU), or auto (llama.cpp when it can serve the base, else transformers).",
+    )
+    host_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Compute threads of the host's backend; unset: ENGRAIN_TORCH_THREADS, else one per core.",
+    )
+    host_max_body_bytes: int = Field(default=1_048_576, ge=1024, description="Largest request body the host reads.")
+    host_max_prompt_tokens: int = Field(
+        default=4096, ge=16, description="Longest prompt (the whole conversation, formatted) the host accepts."
+    )
     host_controller: HostController = Field(
         default="auto",
         description="How the worker frees the host's memory: systemd, http (admin unload), none, "

@@ -10,9 +10,9 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from host.client import HostError, HostUnavailable
 from server.actions import ActionRefused
 from server.dispatch import NothingToTrain
-from server.host_client import HostError, HostUnavailable
 from server.kernel_config import KernelConfig
 from server.outputs import AutoStatus, EventView, KernelInfo, RunView
 from server.pickup import kernel_uri, run_uri
