@@ -24,6 +24,7 @@ from server.state import AppState
 from server.views.kernels import Overview, overview
 from server.views.reports import ReportSummary
 from server.views.runs import RunDetail, recent_runs, run_detail
+from server.views.text import duration
 from store.models import ACTIVE_RUN_STATUSES
 from train_worker.protocol import Gate, check_run_id
 from train_worker.settings import Settings
@@ -53,22 +54,12 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f}min"
-    return f"{seconds / 3600:.1f}h"
-
-
 def _version(value: int | None) -> str:
     return "base" if value is None else f"v{value}"
 
 
 def _ago(moment: datetime | None) -> str:
-    return "" if moment is None else _duration((datetime.now(UTC) - moment).total_seconds()) + " ago"
+    return "" if moment is None else duration((datetime.now(UTC) - moment).total_seconds()) + " ago"
 
 
 def sparkline(values: Sequence[float], width: int = 48) -> str:
@@ -103,7 +94,7 @@ def render_overview(view: Overview) -> RenderableType:
             r = row.active_run
             run = Text.assemble(r.run_id, " ", _status(r.status), f" {r.phase or ''} {_progress(r)}")
             if r.eta_s is not None:
-                run.append(f" ETA {_duration(r.eta_s)}")
+                run.append(f" ETA {duration(r.eta_s)}")
         elif row.last_run:
             r = row.last_run
             run = Text.assemble(r.run_id, " ", _status(r.status), f" {_ago(r.finished_at)}")
@@ -184,7 +175,7 @@ def render_run(detail: RunDetail) -> RenderableType:
     head = Text.assemble((r.run_id, "bold"), f"  kernel {r.kernel}  ", _status(r.status), f"  {phase}  {_progress(r)}")
     facts = Text(
         f"loss {_num(r.loss, 4)}   tokens/s {_num(r.tokens_per_s, 1)}   "
-        f"ETA {_duration(r.eta_s) if detail.active else '-'}   elapsed {_duration(detail.elapsed_s)}   "
+        f"ETA {duration(r.eta_s) if detail.active else '-'}   elapsed {duration(detail.elapsed_s)}   "
         f"{r.n_new} new, {r.n_replay} replayed, from {_version(r.base_version)}"
         + (f" -> v{r.new_version}" if r.new_version is not None else "")
     )

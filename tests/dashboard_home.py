@@ -81,7 +81,7 @@ def _standalone(root: Path) -> None:
     from learning.anchors import ensure_baseline
     from learning.model_loading import load_base
     from tests.learning.conftest import make_model, make_tokenizer
-    from tests.procs import free_port, processes
+    from tests.procs import processes, tiny_env_vars
 
     model_dir, home = root / "model", root / "home"
     tokenizer = make_tokenizer()
@@ -90,15 +90,7 @@ def _standalone(root: Path) -> None:
     torch.set_num_threads(1)
     model, tok = load_base(model_dir)
     ensure_baseline(model, tok, model_dir, home / "cache")
-    env = {
-        "ENGRAIN_HOME": str(home),
-        "ENGRAIN_BASE_MODEL": str(model_dir),
-        "ENGRAIN_HOST_PORT": str(free_port()),
-        "ENGRAIN_EMBEDDED_SERVICES": "false",
-        "ENGRAIN_HOST_CONTROLLER": "http",
-        "ENGRAIN_TORCH_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = tiny_env_vars(home, model_dir)
     os.environ.update(env)
     with processes(root / "logs", env) as procs:
         procs.start("host")

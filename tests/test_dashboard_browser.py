@@ -19,7 +19,7 @@ from mcp import Client
 from server.app import create_server
 from tests.browser import Browser, chromium, chromium_path
 from tests.dashboard_home import INJECTION, Built, build
-from tests.procs import ENGRAIN, Procs, free_port, processes, wait_for
+from tests.procs import ENGRAIN, Procs, free_port, processes, tiny_env_vars, wait_for
 from tests.test_server_tools import call
 from tests.test_worker import SLOW
 from train_worker.settings import Settings
@@ -54,16 +54,7 @@ def world(tiny_base: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("dashboard")
     home = root / "home"
     shutil.copytree(cache, home / "cache")
-    env = {
-        "ENGRAIN_HOME": str(home),
-        "ENGRAIN_BASE_MODEL": str(model_dir),
-        "ENGRAIN_HOST_PORT": str(free_port()),
-        "ENGRAIN_EMBEDDED_SERVICES": "false",
-        "ENGRAIN_HOST_CONTROLLER": "http",
-        "ENGRAIN_TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = tiny_env_vars(home, model_dir)
     settings = Settings(
         home=home,
         base_model=str(model_dir),

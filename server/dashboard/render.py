@@ -10,6 +10,7 @@ from urllib.parse import quote
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from server.dashboard import charts
+from server.views import text
 
 MISSING = "\u2013"  # an en dash where there is no value
 
@@ -41,14 +42,7 @@ def signed(value: float | None, digits: int = 3) -> str:
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return MISSING
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    return text.duration(seconds, MISSING)
 
 
 def when(value: datetime | None) -> str:
