@@ -17,10 +17,10 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from server.outputs import RollbackResult
+from server.outputs import AutoStatus, RollbackResult
 from server.pickup import kernel_uri, run_uri
 from server.state import AppState
-from store.models import Kernel, Run
+from store.models import Run
 from train_worker.deploy import KernelFiles
 from train_worker.protocol import write_atomic
 from train_worker.settings import Layout
@@ -113,11 +113,14 @@ async def cancel(state: AppState, run: Run) -> Run:
     return run
 
 
-async def reset_breaker(state: AppState, kernel: str) -> Kernel:
-    """Failed runs before now stop counting; an automatic run starts if one is now due."""
-    k = await state.store.kernels.reset_breaker(kernel)
-    await state.autotrainer.check_quietly(k.name)
-    return k
+async def reset_breaker(state: AppState, kernel: str) -> AutoStatus:
+    """Failed runs before now stop counting; returns the outlook right after the reset, then starts an
+    automatic run if one is now due."""
+    from server.tools import auto_status  # the tools import this module: a top-level import would be a cycle
+
+    status = await auto_status(state, await state.store.kernels.reset_breaker(kernel))
+    await state.autotrainer.check_quietly(kernel)
+    return status
 
 
 def estop_on(layout: Layout, via: Via) -> bool:

@@ -357,8 +357,9 @@ class Dashboard:
             )
             back = f"{base}/runs/{run.id}"
         elif action == "reset-breaker":
-            kernel = await actions.reset_breaker(state, check_kernel_name(str(form.get("kernel", ""))))
-            message, back = f"the circuit breaker of {kernel.name} is reset", f"{base}/kernels/{kernel.name}"
+            name = check_kernel_name(str(form.get("kernel", "")))
+            await actions.reset_breaker(state, name)
+            message, back = f"the circuit breaker of {name} is reset", f"{base}/kernels/{name}"
         elif action == "estop-on":
             changed = actions.estop_on(state.layout, via="dashboard")
             message = "e-stop on: no run starts until it is turned off" if changed else "the e-stop was already on"

@@ -15,7 +15,7 @@ from server.outputs import AutoStatus, KernelInfo, KernelList, RollbackResult
 from server.pickup import kernel_uri
 from server.policy import AutoTrainPolicy
 from server.state import AppState
-from server.tools._common import KernelArg, auto_check, auto_status, kernel_info, kernel_name, state_of, tool
+from server.tools._common import KernelArg, auto_check, kernel_info, kernel_name, state_of, tool
 from train_worker.protocol import GateThresholds, KernelName, TrainSettings
 
 
@@ -130,6 +130,4 @@ async def rollback_kernel(
 @tool
 async def reset_circuit_breaker(kernel: KernelArg, ctx: Context[AppState]) -> AutoStatus:
     """Close a kernel's circuit breaker after fixing what made its runs fail; earlier failures stop counting."""
-    state = state_of(ctx)
-    k = await actions.reset_breaker(state, kernel_name(kernel))
-    return await auto_status(state, await state.store.kernels.get(k.name))
+    return await actions.reset_breaker(state_of(ctx), kernel_name(kernel))
