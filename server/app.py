@@ -22,7 +22,7 @@ from server.kernel_config import KernelConfig
 from server.notify import Notifier, install_legacy_subscriptions
 from server.pickup import Pickup, Watcher
 from server.services import ensure_services
-from server.state import AppState
+from server.state import AppState, StateRef
 from server.tools import TOOLS, kernel_info, run_view
 from store import Clock, Store
 from store.errors import NotFound
@@ -63,6 +63,49 @@ async def _periodic(fn: Callable[[], Awaitable[None]], every: float) -> None:
         await fn()
 
 
+@asynccontextmanager
+async def open_state(
+    settings: Settings,
+    bus: InMemorySubscriptionBus,
+    *,
+    clock: Clock | None = None,
+    local_tz: tzinfo | None = None,
+    services: bool = True,
+    watch: bool = True,
+    autotrain: bool = True,
+) -> AsyncIterator[AppState]:
+    """The server's state over one home: the MCP lifespan, the dashboard's, and the terminal views' (these two
+    leave the host and watcher to `engrain serve`, and the terminal also does without background loops)."""
+    settings.layout.ensure()
+    store = await Store.open(settings.layout.db, clock)
+    try:
+        default_base = settings.base_model or EMBEDDED_BASE
+        await store.kernels.ensure(
+            "default", default_base, "The kernel every agent shares unless it names another.", _default_config()
+        )
+        notifier = Notifier(bus)
+        dispatcher = Dispatcher(store, settings.layout)
+        autotrainer = AutoTrainer(store, settings.layout, dispatcher, notifier.updated, local_tz)
+        pickup = Pickup(store, settings.layout, dispatcher, notifier.updated, autotrainer.after_run)
+        host = HostClient(settings.layout, load_or_create_token(settings)[0])
+        state = AppState(settings, store, dispatcher, pickup, notifier, host, autotrainer, default_base)
+        await dispatcher.reconcile()
+        if services:
+            await anyio.to_thread.run_sync(ensure_services, settings)
+        if not (watch or autotrain):
+            yield state  # no task group: the caller's errors reach it unwrapped
+            return
+        async with anyio.create_task_group() as tg:
+            if watch:
+                tg.start_soon(Watcher(settings.layout).run, pickup)
+            if autotrain:
+                tg.start_soon(_periodic, autotrainer.check_all, AUTO_CHECK_SECONDS)
+            yield state
+            tg.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
 def create_server(
     settings: Settings | None = None,
     *,
@@ -70,36 +113,22 @@ def create_server(
     local_tz: tzinfo | None = None,
     token_verifier: Any = None,
     auth: Any = None,
+    ref: StateRef | None = None,
 ) -> MCPServer[AppState]:
-    """Build the server. Settings are read when the lifespan starts unless given here."""
+    """Build the server. Settings are read when the lifespan starts unless given here; `ref` gets its state."""
 
     bus = InMemorySubscriptionBus()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        s = settings or Settings()
-        s.layout.ensure()
-        store = await Store.open(s.layout.db, clock)
-        try:
-            default_base = s.base_model or EMBEDDED_BASE
-            await store.kernels.ensure(
-                "default", default_base, "The kernel every agent shares unless it names another.", _default_config()
-            )
-            notifier = Notifier(bus)
-            dispatcher = Dispatcher(store, s.layout)
-            autotrainer = AutoTrainer(store, s.layout, dispatcher, notifier.updated, local_tz)
-            pickup = Pickup(store, s.layout, dispatcher, notifier.updated, autotrainer.after_run)
-            host = HostClient(s.layout, load_or_create_token(s)[0])
-            state = AppState(s, store, dispatcher, pickup, notifier, host, autotrainer, default_base)
-            await dispatcher.reconcile()
-            await anyio.to_thread.run_sync(ensure_services, s)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(Watcher(s.layout).run, pickup)
-                tg.start_soon(_periodic, autotrainer.check_all, AUTO_CHECK_SECONDS)
+        async with open_state(settings or Settings(), bus, clock=clock, local_tz=local_tz) as state:
+            if ref is not None:
+                ref.set(state)
+            try:
                 yield state
-                tg.cancel_scope.cancel()
-        finally:
-            await store.close()
+            finally:
+                if ref is not None:
+                    ref.set(None)
 
     mcp: MCPServer[AppState] = MCPServer(
         name="engrain",

@@ -78,6 +78,15 @@ class AutoTrainer:
             log.info("kernel %s: automatic run %s (%s)", name, run.id, "; ".join(decision.reasons))
         return run
 
+    async def check_quietly(self, name: str) -> str | None:
+        """`check`, for callers whose own work must not fail for it: the run started, or None (errors logged)."""
+        try:
+            run = await self.check(name)
+        except Exception:
+            log.exception("auto-training check failed for kernel %s", name)
+            return None
+        return run.id if run is not None else None
+
     async def check_all(self) -> None:
         for kernel in await self._store.kernels.all():
             try:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from train_worker.locks import LockFileError
@@ -20,9 +20,6 @@ def _configure_logging(level: str) -> None:
     )
 
 
-LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*")  # the SDK's own defaults for a loopback bind
-
-
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import create_server
 
@@ -31,24 +28,62 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if not args.http:
         create_server(settings).run()
         return 0
-    from mcp.server.transport_security import TransportSecuritySettings
+    from server.http_app import mcp_and_dashboard, serve
 
-    from server.http_auth import StaticTokenVerifier, auth_settings
-    from train_worker.auth_token import load_or_create_token
-
-    token, path = load_or_create_token(settings)
     port = args.port or settings.mcp_port
-    base_url = f"http://{args.address}:{port}"
-    where = f"in {path}" if path else "from ENGRAIN_TOKEN"
-    logging.getLogger("engrain").warning("MCP over HTTP at %s/mcp; bearer token %s", base_url, where)
-    mcp = create_server(settings, token_verifier=StaticTokenVerifier(token), auth=auth_settings(base_url))
-    security = None
-    if args.allowed_host:
-        # Added to the loopback names the SDK accepts by default, never in their place.
-        hosts = [*LOOPBACK_HOSTS, *args.allowed_host]
-        origins = [*(f"http://{h}" for h in LOOPBACK_HOSTS), *(f"http://{h}" for h in args.allowed_host)]
-        security = TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
-    mcp.run("streamable-http", host=args.address, port=port, transport_security=security)
+    app = mcp_and_dashboard(settings, args.address, port, tuple(args.allowed_host or ()))
+    return serve(app, args.address, port, settings.log_level)
+
+
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from server.http_app import DASHBOARD_PORT, dashboard_only, serve
+
+    port = args.port or DASHBOARD_PORT
+    return serve(
+        dashboard_only(settings, args.address, port, tuple(args.allowed_host or ())), args.address, port, "warning"
+    )
+
+
+def _terminal(fn: Callable[[], int]) -> int:
+    from store.errors import StoreError
+
+    try:
+        return fn()
+    except (StoreError, ValueError) as exc:
+        print(f"engrain: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from server import terminal
+
+    return _terminal(lambda: terminal.status(settings, args.watch, args.interval))
+
+
+def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
+    from server import terminal
+
+    return _terminal(lambda: terminal.runs(settings, args.kernel, args.limit, args.watch, args.interval))
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from server import terminal
+
+    return _terminal(lambda: terminal.show(settings, args.run_id, args.watch, args.interval))
+
+
+def cmd_estop(args: argparse.Namespace, settings: Settings) -> int:
+    from server import actions
+
+    layout = settings.layout
+    if args.state == "on":
+        actions.estop_on(layout, via="cli")
+        print(f"e-stop on ({layout.estop}): no new run starts, manual or automatic")
+    elif args.state == "off":
+        actions.estop_off(layout, via="cli")
+        print("e-stop off: training may start again")
+    else:
+        print(f"e-stop {'on' if layout.estop.exists() else 'off'} ({layout.estop})")
     return 0
 
 
@@ -127,6 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="another Host header to accept besides the loopback names (repeatable), e.g. engrain.lan:8764",
     )
     serve.set_defaults(func=cmd_serve)
+
+    dashboard = sub.add_parser(
+        "dashboard", help="serve the web dashboard alone (serve --http also serves it, at /dashboard/)"
+    )
+    dashboard.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=None, help="port (default 8766)")
+    dashboard.add_argument("--allowed-host", action="append", help="extra Host header to accept (repeatable)")
+    dashboard.set_defaults(func=cmd_dashboard)
+
+    for name, what in (
+        ("status", "every kernel: status, versions, counts, runs, auto-training outlook"),
+        ("runs", "recent training runs"),
+        ("show", "one run: progress, curves, gates"),
+    ):
+        view = sub.add_parser(name, help=what)
+        if name == "show":
+            view.add_argument("run_id", help="a run id, e.g. r-20261123T201500-a1b2c3")
+        if name == "runs":
+            view.add_argument("--kernel", help="only this kernel's runs")
+            view.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+        view.add_argument("--watch", action="store_true", help="keep it up to date (Ctrl-C stops)")
+        view.add_argument("--interval", type=float, default=1.0, help="seconds between updates with --watch")
+        view.set_defaults(func={"status": cmd_status, "runs": cmd_runs, "show": cmd_show}[name])
+
+    estop = sub.add_parser("estop", help="stop every new run (on), allow them again (off), or say which")
+    estop.add_argument("state", nargs="?", choices=["on", "off", "status"], default="status")
+    estop.set_defaults(func=cmd_estop)
 
     worker = sub.add_parser("worker", help="train every waiting request, then exit (what systemd runs)")
     worker.add_argument(

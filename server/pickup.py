@@ -137,7 +137,10 @@ class Pickup:
             return
         if result.pruned_versions:
             await self._store.versions.mark_pruned(run.kernel, result.pruned_versions)
-        os.replace(path, self._layout.archive / path.name)
+        try:
+            os.replace(path, self._layout.archive / path.name)
+        except FileNotFoundError:
+            return  # another server process recorded it too and archived it first; it runs the follow-ups
         log.info("run %s ended: %s", result.run_id, result.status)
         await self._notify(run_uri(run.id), kernel_uri(run.kernel))
         if self._on_finished is not None:

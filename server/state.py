@@ -27,3 +27,19 @@ class AppState:
     @property
     def layout(self) -> Layout:
         return self.settings.layout
+
+
+class StateRef:
+    """The running server's state for HTTP routes outside MCP (the dashboard); set while the lifespan runs."""
+
+    def __init__(self) -> None:
+        self._state: AppState | None = None
+
+    def set(self, state: AppState | None) -> None:
+        self._state = state
+
+    @property
+    def state(self) -> AppState:
+        if self._state is None:
+            raise RuntimeError("the engrain server is not running (its lifespan has not started)")
+        return self._state

@@ -9,7 +9,14 @@ from typing import TypeVar
 
 from store.db import Database
 from store.errors import Conflict, NotFound
-from store.models import UNTRAINED_STATUSES, AddedExperience, Experience, ExperienceStatus, NewExperience
+from store.models import (
+    UNTRAINED_STATUSES,
+    AddedExperience,
+    Experience,
+    ExperienceSource,
+    ExperienceStatus,
+    NewExperience,
+)
 
 T = TypeVar("T")
 
@@ -203,8 +210,56 @@ class Experiences:
         )
         return [Experience.from_row(r) for r in rows]
 
+    async def search(
+        self,
+        kernel: str,
+        text: str = "",
+        source: ExperienceSource | None = None,
+        status: ExperienceStatus | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Experience], int]:
+        """Newest first, filtered by words in the prompt or response (case-insensitive), source and status;
+        and how many match in all."""
+        where, params = ["kernel = ?"], [kernel]
+        for word in text.split():
+            # instr, not LIKE: the user's '%' and '_' are plain characters here.
+            where.append("(instr(lower(prompt), ?) > 0 OR instr(lower(response), ?) > 0)")
+            params += [word.lower(), word.lower()]
+        if source is not None:
+            where.append("source = ?")
+            params.append(source)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        clause = " AND ".join(where)
+        rows = await self._db.fetchall(
+            f"SELECT * FROM experiences WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
+        total = await self._db.scalar(f"SELECT COUNT(*) FROM experiences WHERE {clause}", params)
+        return [Experience.from_row(r) for r in rows], int(total)
 
-def _marks(values: list[str]) -> str:
+    async def with_ids(self, ids: Sequence[int]) -> list[Experience]:
+        found: list[Experience] = []
+        for chunk in _chunks(sorted(set(ids)), 500):
+            rows = await self._db.fetchall(f"SELECT * FROM experiences WHERE id IN ({_marks(chunk)})", chunk)
+            found += [Experience.from_row(r) for r in rows]
+        return found
+
+    async def corrections_for(self, kernel: str, prompts: Sequence[str]) -> list[Experience]:
+        """Corrections recorded for any of these prompts, oldest first."""
+        found: list[Experience] = []
+        for chunk in _chunks(sorted(set(prompts)), 500):
+            rows = await self._db.fetchall(
+                f"SELECT * FROM experiences WHERE kernel = ? AND source = 'correction' AND prompt IN ({_marks(chunk)})"
+                " ORDER BY id",
+                (kernel, *chunk),
+            )
+            found += [Experience.from_row(r) for r in rows]
+        return found
+
+
+def _marks(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from store.db import Database
 from store.errors import NotFound
 from store.models import Interaction, Verdict
@@ -68,3 +70,13 @@ class Interactions:
             "SELECT * FROM interactions WHERE kernel = ? ORDER BY id DESC LIMIT ?", (kernel, limit)
         )
         return [Interaction.from_row(r) for r in rows]
+
+    async def with_ids(self, ids: Sequence[int]) -> list[Interaction]:
+        unique = sorted(set(ids))
+        found: list[Interaction] = []
+        for start in range(0, len(unique), 500):  # under SQLite's bound-variable cap
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._db.fetchall(f"SELECT * FROM interactions WHERE id IN ({marks})", chunk)
+            found += [Interaction.from_row(r) for r in rows]
+        return found

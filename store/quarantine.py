@@ -24,3 +24,6 @@ class Quarantine:
     async def recent(self, limit: int = 50) -> list[QuarantineEntry]:
         rows = await self._db.fetchall("SELECT * FROM quarantine ORDER BY id DESC LIMIT ?", (limit,))
         return [QuarantineEntry.from_row(r) for r in rows]
+
+    async def count(self) -> int:
+        return int(await self._db.scalar("SELECT COUNT(*) FROM quarantine"))

@@ -69,6 +69,11 @@ class Runs:
         )
         return [Run.from_row(r) for r in rows]
 
+    async def latest(self, limit: int = 50) -> list[Run]:
+        """Every kernel's runs, newest first."""
+        rows = await self._db.fetchall("SELECT * FROM runs ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        return [Run.from_row(r) for r in rows]
+
     async def recent_final(self, kernel: str, limit: int) -> list[Run]:
         """The kernel's latest finished runs, newest first."""
         marks = ",".join("?" * len(FINAL_RUN_STATUSES))

@@ -87,21 +87,11 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture
 def tiny_env(home: Path, tiny_base: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """ENGRAIN_* for real processes over the tiny model, with its baseline already in the home's cache."""
-    from tests.procs import free_port
+    from tests.procs import tiny_env_vars
 
     model_dir, cache = tiny_base
     shutil.copytree(cache, home / "cache")
-    env = {
-        "ENGRAIN_HOME": str(home),
-        "ENGRAIN_BASE_MODEL": str(model_dir),
-        "ENGRAIN_HOST_PORT": str(free_port()),
-        "ENGRAIN_EMBEDDED_SERVICES": "false",
-        "ENGRAIN_HOST_CONTROLLER": "lease",
-        "HF_HUB_OFFLINE": "1",
-        # The tiny model gains nothing from threads, and two-thread processes side by side spin-wait.
-        "ENGRAIN_TORCH_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = tiny_env_vars(home, model_dir)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env

@@ -73,6 +73,21 @@ def processes(logs: Path, env: dict[str, str]) -> Iterator[Procs]:
         procs.cleanup()
 
 
+def tiny_env_vars(home: Path, model_dir: Path) -> dict[str, str]:
+    """ENGRAIN_* for real processes over the tiny model in `home`."""
+    return {
+        "ENGRAIN_HOME": str(home),
+        "ENGRAIN_BASE_MODEL": str(model_dir),
+        "ENGRAIN_HOST_PORT": str(free_port()),
+        "ENGRAIN_EMBEDDED_SERVICES": "false",
+        "ENGRAIN_HOST_CONTROLLER": "lease",
+        "HF_HUB_OFFLINE": "1",
+        # The tiny model gains nothing from threads, and two-thread processes side by side spin-wait.
+        "ENGRAIN_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 def wait_for(check: Callable[[], Any], within: float = 60, every: float = 0.1, what: str = "condition") -> Any:
     """Blocking poll for tests that drive subprocesses."""
     deadline = time.monotonic() + within

@@ -304,7 +304,8 @@ async def test_malformed_results_go_to_quarantine(
         before = snapshot(settings)
         bad = layout.results / "r-20261123T200000-ffffff.json"
         bad.write_bytes(content)
-        await eventually(lambda: not bad.exists())
+        # The file moves first and its row follows: wait for both.
+        await eventually(lambda: not bad.exists() and snapshot(settings)["quarantine"])
         [moved] = [p for p in layout.quarantine.iterdir() if not p.name.endswith(".reason.txt")]
         assert moved.read_bytes() == content
         assert reason in moved.with_name(moved.name + ".reason.txt").read_text()

@@ -12,6 +12,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
 from host.client import HostError, HostUnavailable
+from server.actions import ActionRefused
 from server.dispatch import NothingToTrain
 from server.kernel_config import KernelConfig
 from server.outputs import AutoStatus, EventView, KernelInfo, RunView
@@ -45,7 +46,15 @@ def tool(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await fn(*args, **kwargs)
         except ToolError:
             raise
-        except (StoreError, DeployError, HostUnavailable, HostError, NothingToTrain, LockFileError) as exc:
+        except (
+            StoreError,
+            DeployError,
+            HostUnavailable,
+            HostError,
+            NothingToTrain,
+            LockFileError,
+            ActionRefused,
+        ) as exc:
             raise ToolError(str(exc)) from exc
         except Exception as exc:
             # A bug, not bad input: the agent still gets words (the SDK would send none), the log the trace.
@@ -145,12 +154,7 @@ async def run_view(state: AppState, run: Run, events: int = 5) -> RunView:
 
 async def auto_check(state: AppState, kernel: str) -> str | None:
     """Start an automatic run if the kernel's policy says one is due; the caller's own work never fails for it."""
-    try:
-        run = await state.autotrainer.check(kernel)
-    except Exception:
-        log.exception("auto-training check failed for kernel %s", kernel)
-        return None
-    return run.id if run is not None else None
+    return await state.autotrainer.check_quietly(kernel)
 
 
 async def auto_status(state: AppState, kernel: Kernel) -> AutoStatus:

@@ -12,9 +12,10 @@ from pydantic import Field
 from server.kernel_config import KernelConfig
 from server.keyfacts import missing_key_facts
 from server.limits import check_text
-from server.outputs import CorrectionResult, FeedbackResult, ReviewItem, ReviewQueue
+from server.outputs import CorrectionResult, FeedbackResult, ReviewQueue
 from server.state import AppState
 from server.tools._common import KernelArg, auto_check, kernel_name, state_of, tool
+from server.views import experiences as views
 from store.errors import StoreError
 from store.models import AddedExperience, ExperienceSource, ExperienceStatus, Interaction, NewExperience, Verdict
 from train_worker.protocol import MAX_INT
@@ -176,22 +177,4 @@ async def review_queue(
     limit: Annotated[int, Field(ge=1, le=200)] = 20,
 ) -> ReviewQueue:
     """The kernel's worst uncorrected answers (rated 1-2): correct them with feedback(query_id, rating, correction)."""
-    state = state_of(ctx)
-    name = kernel_name(kernel)
-    await state.store.kernels.get(name)
-    items, total = await state.store.interactions.review(name, limit)
-    return ReviewQueue(
-        kernel=name,
-        items=[
-            ReviewItem(
-                query_id=i.id,
-                prompt=i.prompt,
-                response=i.response,
-                rating=i.rating,
-                version=i.version,
-                created_at=i.created_at,
-            )
-            for i in items
-        ],
-        total=total,
-    )
+    return await views.review_queue(state_of(ctx), kernel_name(kernel), limit)

@@ -10,13 +10,13 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from server import actions
 from server.kernel_config import KernelConfig
 from server.outputs import AutoStatus, KernelInfo, KernelList, RollbackResult
 from server.pickup import kernel_uri
 from server.policy import AutoTrainPolicy
 from server.state import AppState
-from server.tools._common import KernelArg, auto_check, auto_status, kernel_info, kernel_name, state_of, tool
-from train_worker.deploy import KernelFiles
+from server.tools._common import KernelArg, auto_check, kernel_info, kernel_name, state_of, tool
 from train_worker.protocol import (
     MAX_INT,
     GateThresholds,
@@ -156,53 +156,10 @@ async def rollback_kernel(
     ] = None,
 ) -> RollbackResult:
     """Serve an earlier adapter version of a kernel (or the bare base model)."""
-    state = state_of(ctx)
-    name = kernel_name(kernel)
-    k = await state.store.kernels.get(name)
-    # The kernel lock can be held by a worker writing a deploy: wait for it off the event loop.
-    target = await anyio.to_thread.run_sync(_switch_back, KernelFiles(state.layout, name), version)
-    await state.store.versions.mark_deployed(name, target)
-    await state.notifier.updated(kernel_uri(name))
-    return RollbackResult(
-        kernel=name,
-        from_version=k.deployed_version,
-        to_version=target,
-        message=f"{name} now serves {_vname(target)}; the model host follows within a second",
-    )
-
-
-def _switch_back(files: KernelFiles, version: int | None) -> int | None:
-    """Under the kernel lock: point `current` at `version` (None: the one before it, 0: the bare base)."""
-    name = files.kernel
-    with files.locked():
-        current = files.current()
-        on_disk = files.versions()
-        if version is None:
-            earlier = [v for v in on_disk if current is None or v < current]
-            if not earlier:
-                raise ToolError(
-                    f"kernel {name!r} has no version before {_vname(current)} to roll back to; "
-                    "pass version=0 to serve the bare base model"
-                )
-            target: int | None = earlier[-1]
-        else:
-            target = version or None
-            if target is not None and target not in on_disk:
-                kept = ", ".join(f"v{v}" for v in on_disk) or "none"
-                raise ToolError(f"kernel {name!r} has no version v{target} on disk (kept: {kept})")
-        files.switch(target)
-    return target
-
-
-def _vname(version: int | None) -> str:
-    return "the bare base model" if version is None else f"v{version}"
+    return await actions.rollback(state_of(ctx), kernel_name(kernel), version, via="mcp")
 
 
 @tool
 async def reset_circuit_breaker(kernel: KernelArg, ctx: Context[AppState]) -> AutoStatus:
     """Close a kernel's circuit breaker after fixing what made its runs fail; earlier failures stop counting."""
-    state = state_of(ctx)
-    k = await state.store.kernels.reset_breaker(kernel_name(kernel))
-    status = await auto_status(state, k)
-    await auto_check(state, k.name)
-    return status
+    return await actions.reset_breaker(state_of(ctx), kernel_name(kernel))

@@ -9,8 +9,9 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import Field
 
+from server import actions
 from server.outputs import RunView, StatusResult, TrainStarted
-from server.pickup import kernel_uri, run_uri
+from server.pickup import run_uri
 from server.state import AppState
 from server.tools._common import KernelArg, auto_status, kernel_info, kernel_name, run_view, state_of, tool
 from store.models import Run
@@ -120,6 +121,5 @@ async def cancel_training(
     """Cancel a run: at once if no worker has it (one whose worker is gone is ended here), otherwise the worker
     stops within seconds in any phase. A run whose deploy has already committed cannot be cancelled."""
     state = state_of(ctx)
-    run = await state.dispatcher.cancel(check_run_id(run_id))
-    await state.notifier.updated(run_uri(run.id), kernel_uri(run.kernel))
+    run = await actions.cancel(state, run_id)
     return await run_view(state, run)

@@ -1,0 +1,1 @@
+"""The web dashboard: kernels, versions, runs (live), experiences, the review queue, and operator actions."""
