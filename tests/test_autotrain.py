@@ -104,6 +104,7 @@ async def test_cooldown_and_window_follow_the_clock(session: Any, settings: Sett
         assert run_id is not None
         claim(settings.layout)
         fake_version(settings.layout, "default", 1, run_id)
+        KernelFiles(settings.layout, "default").switch(1)
         result(settings.layout, run_id, "default", "deployed", version=1, version_path="kernels/default/versions/v1",
                finished_at=clock.now, gates=PASSING)  # fmt: skip
         await picked_up(settings.layout, run_id)
@@ -155,6 +156,7 @@ async def test_convergence_stops_auto_training_until_new_experiences_differ(
             assert run_id, f"round {version} should have started a run"
             claim(layout)
             fake_version(layout, "default", version, run_id)
+            KernelFiles(layout, "default").switch(version)  # what a deploy does before its result
             result(layout, run_id, "default", "deployed", version=version,
                    version_path=f"kernels/default/versions/v{version}", finished_at=clock.now,
                    metrics={"acquisition_em": 1.0}, gates=PASSING)  # fmt: skip

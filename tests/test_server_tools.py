@@ -309,7 +309,8 @@ async def test_malformed_results_go_to_quarantine(
         [moved] = [p for p in layout.quarantine.iterdir() if not p.name.endswith(".reason.txt")]
         assert moved.read_bytes() == content
         assert reason in moved.with_name(moved.name + ".reason.txt").read_text()
-        after = snapshot(settings)
+        # The store's row follows the move: wait for it rather than race it.
+        after = await eventually(lambda: (now := snapshot(settings))["quarantine"] and now)
         assert after["quarantine"][0][3].startswith(reason.split()[0]) or reason in after["quarantine"][0][3]
         after.pop("quarantine"), before.pop("quarantine")
         assert after == before
