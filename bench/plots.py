@@ -30,26 +30,25 @@ COLORS = ["#868e96", "#f59f00", "#e8590c", "#7048e8", "#1c7ed6", "#2b8a3e", "#c2
 
 
 def _strategies(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Each strategy's per-round entries, in the file's order (`meta` and anything without rounds skipped)."""
-    return {
-        name: entry["rounds"]
-        for name, entry in data.items()
-        if isinstance(entry, dict) and isinstance(entry.get("rounds"), list) and entry["rounds"]
-    }
+    """Each strategy's rounds, each round's figures the mean over seeds (`meta` and entries without seeds skipped)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in data.items():
+        seeds = entry.get("per_seed") if isinstance(entry, dict) else None
+        if not isinstance(seeds, dict) or not seeds:
+            continue
+        runs = [rows for rows in seeds.values() if isinstance(rows, list) and rows]
+        if runs:
+            out[name] = [_round_mean([r[i] for r in runs if i < len(r)]) for i in range(max(map(len, runs)))]
+    return out
+
+
+def _round_mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = {k for row in rows for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {k: _mean([float(row[k]) for row in rows if isinstance(row.get(k), int | float)]) for k in keys}
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def trained_accuracy(rounds: list[dict[str, Any]]) -> list[float | None]:
-    """After round i: mean exact match over the facts of every round trained so far."""
-    return [_mean([float(a) for a in r.get("accuracy", [])[: i + 1]]) for i, r in enumerate(rounds)]
-
-
-def held_back_kept(rounds: list[dict[str, Any]]) -> list[float | None]:
-    """After round i: mean exact match on the earlier rounds' facts (None after the first round)."""
-    return [_mean([float(a) for a in r.get("accuracy", [])[:i]]) if i else None for i, r in enumerate(rounds)]
 
 
 def _series(rounds: list[dict[str, Any]], key: str) -> list[float | None]:
@@ -68,8 +67,8 @@ def continual(data: dict[str, Any]) -> Figure:
     if not strategies:
         raise KeyError("no strategy with per-round results")
     panels: list[tuple[str, str, Callable[[list[dict[str, Any]]], list[float | None]], tuple[float, float] | None]] = [
-        ("Accuracy on every round trained so far", "exact match", trained_accuracy, (0, 1.05)),
-        ("Held-back kept (earlier rounds' facts)", "exact match", held_back_kept, (0, 1.05)),
+        ("The round's facts learnt", "exact match", lambda r: _series(r, "acquisition_em"), (0, 1.05)),
+        ("Earlier facts kept that were not replayed", "share", lambda r: _series(r, "held_back_kept"), (0, 1.05)),
         ("General probes kept", "share of probes the base got right", lambda r: _series(r, "general_kept"), (0, 1.05)),
         ("Perplexity on the reference text", "after / before", lambda r: _series(r, "ppl_ratio"), None),
     ]
@@ -87,7 +86,7 @@ def continual(data: dict[str, Any]) -> Figure:
     axes.flat[3].axhline(1.0, color="black", linewidth=0.8, linestyle=":")
     axes.flat[0].legend(fontsize=8, loc="lower left")
     meta = data.get("meta", {})
-    fig.suptitle(f"Continual learning, {meta.get('rounds', '?')} rounds on {meta.get('model', 'the model')}")
+    fig.suptitle(f"Continual learning on {meta.get('model', 'the model')} (mean over seeds)")
     return fig
 
 

@@ -179,7 +179,7 @@ def test_terminal_views(world: World) -> None:
     shown = engrain("show", world.built.rejected)
     assert "rejected" in shown and "acquisition" in shown and "failed" in shown
     missing = subprocess.run([ENGRAIN, "show", "r-20200101T000000-000000"], env=env, capture_output=True, text=True)
-    assert missing.returncode == 1 and "no run with id" in missing.stderr
+    assert missing.returncode == 1 and "no run with run_id" in missing.stderr
 
 
 def test_a_live_run_updates_in_place_and_is_cancelled_from_the_page(world: World) -> None:
