@@ -46,7 +46,8 @@ test-slow: install
 demo: install
 	$(BIN)/engrain demo
 
-# Not part of CI: about an hour on 2 cores. Results land in bench/results/, described in docs/benchmarks.md.
+# Not part of CI: a day or more on 2 cores (the continual grid: 11 strategies x 5 rounds x 3 seeds).
+# Results land in bench/results/, described in docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m bench.record
 	$(BIN)/python -m bench.train_speed
