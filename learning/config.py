@@ -61,8 +61,8 @@ class NullSpaceSettings(BaseModel):
     general: bool = Field(default=True, description="Protect general text (anchor answers, reference text).")
     facts: bool = Field(
         default=True,
-        description="Protect every earlier fact of the kernel, the must-keep facts, and the base's answers to the "
-        "general questions nearest to each new fact (real facts of the same form) as hard constraints.",
+        description="Protect every earlier fact of the kernel and the must-keep facts (and, when nearest_anchors "
+        "> 0, the base's answers to the general questions nearest each new fact).",
     )
     nearest_anchors: int = Field(
         default=0, ge=0, le=64, description="General questions protected per new fact (the nearest by prompt)."
