@@ -29,6 +29,7 @@ from train_worker.protocol import (
     write_atomic,
     write_model,
 )
+from train_worker.worker import EventLog
 
 RUN = "r-20261123T200000-abcdef"
 NOW = datetime(2026, 11, 23, 20, 0, tzinfo=UTC)
@@ -148,3 +149,14 @@ def test_batch_is_checked_against_its_manifest(tmp_path: Path) -> None:
     (tmp_path / "batch.jsonl").write_bytes(raw)
     with pytest.raises(ProtocolError, match="the manifest says 2 and 0"):
         read_batch(tmp_path, wrong_counts)
+
+
+def test_progress_is_throttled_but_keeps_the_step_training_ended_on(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, "r-20261123T201500-a1b2c3")
+    for step in range(1, 8):  # an early stop at step 7 of 100, all within the throttle window
+        log.training(step, 100, loss=1.0 / step)
+    log.training(7, 100, final=True, loss=1.0 / 7)
+    log.training(7, 100, final=True, loss=1.0 / 7)  # the same step reported twice is drawn once
+    steps = [e.step for e in read_events(path, 0)[0]]
+    assert steps == [1, 7]

@@ -76,18 +76,20 @@ class EventLog:
         events, _, _ = read_events(path, 0)
         self._seq = max((e.seq for e in events), default=-1) + 1
         self._last_training = 0.0
+        self._last_step: int | None = None
 
     def emit(self, phase: Phase, **fields: Any) -> None:
         event = ProgressEvent(run_id=self.run_id, seq=self._seq, ts=datetime.now(UTC), phase=phase, **fields)
         append_event(self.path, event)
         self._seq += 1
 
-    def training(self, step: int, total: int, **fields: Any) -> None:
-        """Per-step progress, at most twice a second (and always the last step)."""
+    def training(self, step: int, total: int, final: bool = False, **fields: Any) -> None:
+        """Per-step progress, at most twice a second, and always the step training ended on (early stop included),
+        so a curve never lacks its end."""
         now = time.monotonic()
-        if step < total and now - self._last_training < 0.5:
+        if step == self._last_step or (not final and step < total and now - self._last_training < 0.5):
             return
-        self._last_training = now
+        self._last_training, self._last_step = now, step
         self.emit("training", step=step, total_steps=total, **_finite(fields))
 
 
@@ -378,7 +380,7 @@ class Worker:
             if p.phase == "fisher":
                 events.emit("training", step=p.step, total_steps=p.total_steps, message="computing Fisher information")
             else:
-                events.training(p.step, p.total_steps, **fields)
+                events.training(p.step, p.total_steps, final=p.phase == "done", **fields)
             if p.phase == "train" and first_step[0]:
                 first_step[0] = False
                 faults.point("training")
