@@ -270,7 +270,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.strategies.split(","):
         settings = strategy_settings(name, extra)
-        by_seed: dict[int, list[dict[str, Any]]] = {}
+        by_seed = _earlier_seeds(results.get(name), settings, len(rounds))
         for seed in [int(s) for s in args.seeds.split(",")]:
             work = Path(tempfile.mkdtemp(prefix=f"engrain-continual-{name}-"))
             try:
@@ -288,6 +288,15 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
         print_result(name, results[name])
+
+
+def _earlier_seeds(entry: dict[str, Any] | None, settings: TrainSettings, rounds: int) -> dict[int, list[Any]]:
+    """Seeds already measured with these very settings and rounds: a run of more seeds adds to them."""
+    if not entry or entry.get("rounds") != rounds:
+        return {}
+    if entry.get("settings", {}) | {"seed": 0} != settings.model_dump(mode="json") | {"seed": 0}:
+        return {}
+    return {int(k): v for k, v in entry.get("per_seed", {}).items()}
 
 
 def print_result(name: str, result: dict[str, Any]) -> None:

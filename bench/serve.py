@@ -7,7 +7,7 @@ figure measured against its baseline in the same run, alternating, median of `--
    `Llama`) on the bare base, same GGUF, same threads, 64 greedy tokens: tokens/s ratio (goal >= 0.8);
 2. 8 concurrent requests against the same 8 one at a time, total tokens/s (goal >= 3.5);
 3. greedy agreement with the fp32 reference (transformers + peft on the dequantised model, as the worker
-   evaluates it) on the 51 general probes and the 16 trained facts, 64 tokens: share of identical answers
+   evaluates it) on the general probes (learning/data/probes.json) and the 16 trained facts, 64 tokens: share of identical answers
    (goal >= 98%), and trained facts still answered;
 4. deploy into the running host: `current` switched to a new version until a query answers from it, while
    three clients keep querying (goal <= 5 s, no failed query);
