@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -107,40 +108,48 @@ def train_speed(data: dict[str, Any]) -> Figure:
 
 
 def serve(data: dict[str, Any]) -> Figure:
-    single, conc, deploy = data["single_request"], data["concurrent_8"], data["deploy"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    labels = [
-        "generate\n(base)",
-        "host\n(base)",
-        "PeftModel\n(adapter)",
-        "host\n(adapter)",
-        "one at\na time",
-        "8 at\nonce",
-    ]
-    values = [
-        single["base"]["plain_tok_s"],
-        single["base"]["host_tok_s"],
-        single["adapter"]["plain_tok_s"],
-        single["adapter"]["host_tok_s"],
-        conc["single_tok_s"],
-        conc["concurrent_8_tok_s"],
-    ]
-    colors = ["#868e96", "#1c7ed6"] * 2 + ["#868e96", "#1c7ed6"]
-    bars = left.bar(labels, values, color=colors)
-    left.bar_label(bars, fmt="%.1f", padding=2, fontsize=9)
-    left.set_ylabel("generated tokens per second")
-    left.set_title("Serving throughput (grey: baseline in the same run)")
-    left.grid(axis="y", alpha=0.3)
-    times = {"full reload": deploy["full_reload_s"] * 1000, "hot swap": deploy["swap_s"] * 1000}
-    switch = data.get("switch", {}).get("ms_per_switch")
-    if isinstance(switch, int | float):
-        times["kernel switch"] = switch
-    bars = right.barh(list(times), list(times.values()), color=["#868e96", "#1c7ed6", "#1c7ed6"][: len(times)])
-    right.bar_label(bars, fmt="%.1f ms", padding=3, fontsize=9)
-    right.set_xscale("log")
-    right.set_xlabel("milliseconds (log scale)")
-    right.set_title("Deploying a new version into the running host")
-    right.grid(axis="x", alpha=0.3)
+    """Per llama.cpp weight type: single-stream speed, 8 concurrent against 1, greedy agreement with fp32."""
+    rows = {k: v for k, v in data["backends"].items() if "agreement" in v}
+    kinds = list(rows)
+    x = np.arange(len(kinds))
+    fig, (speed, batch, agree) = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    for offset, label, key, color in (
+        (-0.2, "host, kernel with adapter", "decode_tok_s", "#1c7ed6"),
+        (0.2, "raw llama.cpp, same weights", "raw_llamacpp_same_weights_tok_s", "#868e96"),
+    ):
+        bars = speed.bar(x + offset, [rows[k][key] for k in kinds], 0.4, label=label, color=color)
+        speed.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+    speed.set_xticks(x, kinds)
+    speed.set_ylabel("generated tokens per second")
+    speed.set_title("Single stream, 64 greedy tokens")
+    speed.legend(fontsize=8, loc="lower left")
+    for offset, label, source, color in (
+        (-0.2, "host: 8 at once / one at a time", None, "#1c7ed6"),
+        (0.2, "raw llama.cpp: one batch / one at a time", "raw_llamacpp", "#868e96"),
+    ):
+        ratios = [
+            (rows[k]["concurrency"] if source is None else rows[k]["concurrency"].get(source, {})).get("ratio", 0.0)
+            for k in kinds
+        ]
+        bars = batch.bar(x + offset, ratios, 0.4, label=label, color=color)
+        batch.bar_label(bars, fmt="%.2fx", padding=2, fontsize=8)
+    batch.axhline(3.5, color="#c92a2a", linestyle="--", linewidth=1, label="target 3.5x")
+    batch.set_xticks(x, kinds)
+    batch.set_ylim(0, 5)
+    batch.set_ylabel("total tokens/s, 8 concurrent ÷ 8 in turn")
+    batch.set_title("8 concurrent requests")
+    batch.legend(fontsize=8, loc="upper left")
+    shares = [100 * rows[k]["agreement"]["identical"] for k in kinds]
+    bars = agree.bar(x, shares, 0.5, color="#1c7ed6")
+    agree.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
+    agree.axhline(98, color="#c92a2a", linestyle="--", linewidth=1, label="target 98%")
+    agree.set_xticks(x, kinds)
+    agree.set_ylim(0, 105)
+    agree.set_ylabel("greedy answers identical to fp32 (%)")
+    agree.set_title("Agreement with the model the gates judged")
+    agree.legend(fontsize=8, loc="lower right")
+    for axis in (speed, batch, agree):
+        axis.grid(axis="y", alpha=0.3)
     return fig
 
 
