@@ -276,7 +276,7 @@ async def test_a_run_page_shows_progress_curves_and_every_report_group_and_list(
     await dash.state.pickup.sweep()
     page = (await dash.http.get(f"/dashboard/runs/{run_id}")).text
     assert "data-stream" not in page  # ended: nothing more to stream
-    for text in ("canary: 1 items, 0% right", "lost probes (1)", "lost facts (1)", "overwritten_by",
+    for text in ("canary: 1 item, 0% right", "lost probes (1)", "lost facts (1)", "overwritten_by",
                  "canary summary (1)", "acquisition", "-0.300"):  # fmt: skip
         assert text in page, text
     assert INJECTION not in page

@@ -65,8 +65,20 @@ def percent(value: float | None) -> str:
     return MISSING if value is None else f"{100 * value:.0f}%"
 
 
+def count(n: int, noun: str) -> str:
+    """'1 item', '2 items'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 _env.filters.update(
-    number=number, signed=signed, duration=duration, when=when, ago=ago, vlabel=version_label, percent=percent
+    number=number,
+    signed=signed,
+    duration=duration,
+    when=when,
+    ago=ago,
+    vlabel=version_label,
+    percent=percent,
+    count=count,
 )
 _env.globals.update(line_chart=charts.line_chart, quote=lambda s: quote(str(s), safe=""))
 
