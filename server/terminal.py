@@ -24,7 +24,7 @@ from server.state import AppState
 from server.views.kernels import Overview, overview
 from server.views.reports import ReportSummary
 from server.views.runs import RunDetail, recent_runs, run_detail
-from server.views.text import duration
+from server.views.text import count, duration
 from store.models import ACTIVE_RUN_STATUSES
 from train_worker.protocol import Gate, check_run_id
 from train_worker.settings import Settings
@@ -75,7 +75,7 @@ def sparkline(values: Sequence[float], width: int = 48) -> str:
 def _progress(run: RunView) -> str:
     """Active: share done and steps; ended: the steps it took (early stopping ends most runs before the plan)."""
     if run.status not in ACTIVE_RUN_STATUSES:
-        return f"{run.step} steps" if run.step else ""
+        return count(run.step, "step") if run.step else ""
     if run.progress is None:
         return ""
     text = f"{100 * run.progress:.0f}%"
@@ -161,7 +161,7 @@ def render_report(report: ReportSummary) -> RenderableType:
         return Text(report.problem, style="dim")
     parts: list[RenderableType] = [gates_table(report.gates)]
     for group in report.groups:
-        parts.append(Text(f"{group.name}: {len(group.items)} items, {100 * group.em_rate:.0f}% right"))
+        parts.append(Text(f"{group.name}: {count(len(group.items), 'item')}, {100 * group.em_rate:.0f}% right"))
     for named in report.lists:
         lines = "\n".join(f"  - {entry}" for entry in named.entries[:20])
         more = f"\n  ... and {len(named.entries) - 20} more" if len(named.entries) > 20 else ""

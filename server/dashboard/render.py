@@ -65,11 +65,6 @@ def percent(value: float | None) -> str:
     return MISSING if value is None else f"{100 * value:.0f}%"
 
 
-def count(n: int, noun: str) -> str:
-    """'1 item', '2 items'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 _env.filters.update(
     number=number,
     signed=signed,
@@ -78,7 +73,7 @@ _env.filters.update(
     ago=ago,
     vlabel=version_label,
     percent=percent,
-    count=count,
+    count=text.count,
 )
 _env.globals.update(line_chart=charts.line_chart, quote=lambda s: quote(str(s), safe=""))
 

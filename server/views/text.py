@@ -13,3 +13,8 @@ def duration(seconds: float | None, missing: str = "-") -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def count(n: int, noun: str) -> str:
+    """'1 item', '2 items'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
