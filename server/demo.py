@@ -90,17 +90,19 @@ async def _train(client: Client) -> dict[str, Any]:
         task = bar.add_task("train", total=1, phase="requested", loss="-", eta="-")
         while True:
             run = (await _call(client, "training_status", run_id=run_id))["run"]
-            eta = f"{run['eta_s']:.0f}s" if run.get("eta_s") else "-"
-            loss = f"{run['loss']:.3f}" if run.get("loss") is not None else "-"
+            done = run["status"] in ("deployed", "rejected", "failed", "cancelled")
+            training = run.get("phase") == "training" and not done
+            step = run.get("step") or 0
             bar.update(
                 task,
-                completed=run.get("step") or 0,
-                total=run.get("total_steps") or 1,
-                phase=run.get("phase") or run["status"],
-                loss=loss,
-                eta=eta,
+                completed=step,
+                # An early stop ends before the planned steps: a finished run's bar is full, with no ETA left.
+                total=(step or 1) if done else run.get("total_steps") or 1,
+                phase=run["status"] if done else run.get("phase") or run["status"],
+                loss=f"{run['loss']:.3f}" if run.get("loss") is not None else "-",
+                eta=f"{run['eta_s']:.0f}s" if training and run.get("eta_s") else "-",
             )
-            if run["status"] in ("deployed", "rejected", "failed", "cancelled"):
+            if done:
                 return dict(run)
             await anyio.sleep(1)
 
