@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.faults                  # everything -> bench/results/faults.json
     .venv/bin/python -m bench.faults --rows kill sigterm --trials 2
+    .venv/bin/python -m bench.faults --rows fuzz record --merge   # re-measure two rows, keep the others
 
 Rows (docs/reliability.md has the table and the figures):
 - kill:     SIGKILL of the worker in each phase; a watcher restarts it, as systemd would.
@@ -676,6 +677,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="engrain-faults-"))
     suite = Suite(work, args.trials)
     suite.controller = args.controller
+    command = "python -m bench.faults " + " ".join(sys.argv[1:])
+    earlier: dict[str, Any] = {}
+    if args.merge and args.out.exists():
+        # Rows run in pieces (the full counts take hours): keep the file's other rows, replace these.
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("controller") != args.controller:
+            raise SystemExit(f"{args.out} was measured with the {earlier.get('controller')} controller; not merging")
+        suite.records = [r for r in earlier["records"] if r["row"] not in args.rows]
+        command = f"{earlier['command']} && {command}"
     started = time.monotonic()
     try:
         for row in args.rows:
@@ -700,11 +710,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     return {
         **suite.summary(),
-        "command": "python -m bench.faults " + " ".join(sys.argv[1:]),
+        "command": command,
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared",
         "controller": suite.controller,
-        "wall_s": round(time.monotonic() - started, 1),
+        "wall_s": round(time.monotonic() - started + earlier.get("wall_s", 0.0), 1),
         "records": suite.records,
     }
 
@@ -720,6 +730,7 @@ def main() -> None:
     parser.add_argument("--controller", default="lease", choices=["lease", "http"])
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, homes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true", help="replace only these rows' records in --out")
     args = parser.parse_args()
     result = anyio.run(main_async, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -152,9 +152,11 @@ async def test_kill_9_loses_nothing_and_the_watcher_resumes_and_restores_the_hos
         assert state.host_action == "leased" and (host_health(port) or {}).get("status") == "unloaded"
         assert state.worker_pid is not None
         os.kill(state.worker_pid, signal.SIGKILL)
-        # The lease names a dead process: the host reloads by itself (before the watcher's next worker takes it).
+        # The lease names a dead process: the host reloads by itself. Its log says so rather than a poll of
+        # /health, which a loaded machine can miss before the watcher's next worker takes the lease again.
+        reloaded = lambda: procs.log("host").count("host ready") >= 2  # noqa: E731
+        await in_thread(lambda: wait_for(reloaded, within=30, what="the host reloading after the kill"))
         serving = lambda: (host_health(port) or {}).get("status") == "ok"  # noqa: E731
-        await in_thread(lambda: wait_for(serving, within=10, every=0.05, what="the host back after the kill"))
         run = await finished_run(client, run_id, within=240)
         assert run["status"] == "deployed", run
         seen = phases(settings, run_id)

@@ -68,8 +68,10 @@ class Watcher:
                 if has_work(self.settings) and not worker_lock(layout.locks).held_elsewhere():
                     rc = self._run_worker()
                     failures = 0 if rc in (0, EXIT_INTERRUPTED) else failures + 1
-                    if failures:
-                        # A worker that keeps failing must not spin: back off, bounded.
+                    if failures and not self._stopping:
+                        # A worker that keeps failing must not spin: back off, bounded. The run's own file
+                        # events (its claim moves the request) must not cut the backoff short.
+                        self._wake.clear()
                         self._wake.wait(min(60.0, 2.0**failures))
                     continue
                 self._wake.wait(self.poll)

@@ -64,17 +64,23 @@ def test_answers_stream_stop_and_repeat_a_seed(fast: Engine) -> None:
 def test_concurrent_requests_share_steps_and_newcomers_join(fast: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = count_batches(fast, monkeypatch)
     alone = [ask(fast, "default", q).tokens for q in QUESTIONS]
+    # The first request must still be decoding when the others arrive: the one whose answer ran to the limit.
+    first_q = max(range(len(QUESTIONS)), key=lambda i: len(alone[i]))
+    assert len(alone[first_q]) == 24
     # A loop looks for newcomers once more after its last answer: let it end, or `first` would join it.
     assert calls.idle.wait(30)
     calls.clear()
-    first = fast.submit(Job("default", encode_prompt(fast.tokenizer, QUESTIONS[0]), 48))
-    time.sleep(0.3)  # the first request is decoding when the others arrive
-    later = [fast.submit(Job("default", encode_prompt(fast.tokenizer, q), 24)) for q in QUESTIONS[1:]]
+    decoding = threading.Event()
+    prompt = encode_prompt(fast.tokenizer, QUESTIONS[first_q])
+    first = fast.submit(Job("default", prompt, 48, on_text=lambda _: decoding.set()))
+    assert decoding.wait(60)
+    others = [i for i in range(len(QUESTIONS)) if i != first_q]
+    later = [fast.submit(Job("default", encode_prompt(fast.tokenizer, QUESTIONS[i]), 24)) for i in others]
     results = [first.result(120)] + [f.result(120) for f in later]
     assert calls == [1]  # the later three joined the running batch
     assert all(r.text for r in results)
     # Each sequence has a KV cache of its own, so its greedy answer does not depend on its companions.
-    assert [r.tokens[:24] for r in results] == alone
+    assert [r.tokens[:24] for r in results] == [alone[i] for i in [first_q, *others]]
 
 
 def test_a_deploy_swaps_the_adapter_without_reloading_the_base(fast: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
