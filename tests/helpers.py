@@ -66,7 +66,7 @@ def fake_version(layout: Layout, kernel: str, version: int, run_id: str) -> Path
     return folder
 
 
-async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 30.0) -> Any:
     """Poll `check` (sync or async) until it returns something truthy; the server reacts to files asynchronously."""
     with anyio.fail_after(within):
         while True:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import anyio
 import pytest
 from mcp import Client
 
+from server import dispatch
 from server.app import create_server
 from tests.helpers import fake_version
 from tests.procs import Procs, processes, wait_for
@@ -147,8 +149,18 @@ async def test_a_cancel_during_evaluation_is_honoured(procs: Procs, tmp_path: Pa
         assert not (settings.layout.kernel_dir("tiny") / "current").exists()
 
 
-async def test_a_cancel_after_the_deploy_committed_is_refused_and_the_run_deploys(procs: Procs, tmp_path: Path) -> None:
+async def test_a_cancel_after_the_deploy_committed_is_refused_and_the_run_deploys(
+    procs: Procs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = Settings()
+    asking = threading.Event()
+    ask = dispatch._ask_worker_to_cancel
+
+    def asking_then_ask(*args: Any) -> str | None:
+        asking.set()
+        return ask(*args)
+
+    monkeypatch.setattr(dispatch, "_ask_worker_to_cancel", asking_then_ask)
     async with Client(create_server(settings)) as client:
         run_id = await new_run(client)
         paused = Faulty(procs, tmp_path, "pause:deploying")
@@ -160,7 +172,7 @@ async def test_a_cancel_after_the_deploy_committed_is_refused_and_the_run_deploy
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel)  # it waits for the kernel lock the deploy holds, then decides
-            await anyio.sleep(1)
+            assert await in_thread(lambda: asking.wait(60))
             paused.ready.unlink()  # let the deploy go on
         assert "can no longer be cancelled" in refused[0]
         assert await paused.exit_code() == 0
@@ -194,7 +206,7 @@ async def test_estop_holds_a_pending_run_and_pauses_a_running_one(procs: Procs, 
         run_id = await new_run(client)
         layout.estop.write_text("maintenance\n")
         waiting = procs.start("worker", log="worker-estop", **NO_HOST)
-        await anyio.sleep(3)
+        await in_thread(lambda: wait_for(lambda: "e-stop" in procs.log("worker-estop"), within=60, what="the hold"))
         assert layout.pending.exists() and waiting.poll() is None, "a run was claimed under the e-stop"
         waiting.send_signal(signal.SIGTERM)
         assert await in_thread(lambda: waiting.wait(60)) in (0, 75)

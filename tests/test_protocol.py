@@ -154,9 +154,10 @@ def test_batch_is_checked_against_its_manifest(tmp_path: Path) -> None:
 def test_progress_is_throttled_but_keeps_the_step_training_ended_on(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     log = EventLog(path, "r-20261123T201500-a1b2c3")
+    log.training(0, 100)  # the set-up, with no loss yet: it does not hold back step 1's
     for step in range(1, 8):  # an early stop at step 7 of 100, all within the throttle window
         log.training(step, 100, loss=1.0 / step)
     log.training(7, 100, final=True, loss=1.0 / 7)
     log.training(7, 100, final=True, loss=1.0 / 7)  # the same step reported twice is drawn once
     steps = [e.step for e in read_events(path, 0)[0]]
-    assert steps == [1, 7]
+    assert steps == [0, 1, 7]

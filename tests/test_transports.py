@@ -11,14 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.procs import ENGRAIN, free_port
+from tests.procs import ENGRAIN, free_port, wait_for
 from tests.test_server_tools import FACTS, call
 
 
@@ -64,15 +63,18 @@ def _serve_http(home: Path, tmp_path: Path, *extra: str) -> Iterator[tuple[str, 
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/mcp"
+
+    def listening() -> bool:
+        try:
+            httpx.get(url, timeout=0.5)
+            return True
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "http.log").read_text()) from None
+            return False
+
     try:
-        for _ in range(200):
-            try:
-                httpx.get(url, timeout=0.5)
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None:
-                    raise RuntimeError((tmp_path / "http.log").read_text()) from None
-                anyio.run(anyio.sleep, 0.05)
+        wait_for(listening, within=60, what="engrain serve --http to listen")
         token_file = home / "token"
         assert token_file.stat().st_mode & 0o777 == 0o600
         yield url, token_file.read_text().strip()

@@ -108,7 +108,8 @@ async def test_worker_deploys_and_the_host_serves_the_new_version(procs: Procs, 
         assert read_model(version_dir / "meta.json", VersionMeta).run_id == run_id
         assert not (settings.layout.active / run_id).exists()
         # The host was unloaded for training and is back, serving the new version.
-        assert (host_health(port) or {}).get("status") == "ok"
+        serving = lambda: (host_health(port) or {}).get("status") == "ok"  # noqa: E731
+        await in_thread(lambda: wait_for(serving, within=60, what="the host serving again"))
         answer = await call(client, "query_kernel", kernel="tiny", prompt="Code f0?", max_new_tokens=12)
         assert answer["version"] == 1 and "zub" in answer["response"]
         rated = await call(client, "feedback", query_id=answer["query_id"], rating=5)
@@ -149,7 +150,9 @@ async def test_kill_9_loses_nothing_and_the_watcher_resumes_and_restores_the_hos
         state_path = settings.layout.run_dir(run_id) / "state.json"
         await in_thread(lambda: wait_for(lambda: step_reached(settings, run_id, 10), what="step 10"))
         state = read_model(state_path, RunState)
-        assert state.host_action == "leased" and (host_health(port) or {}).get("status") == "unloaded"
+        assert state.host_action == "leased"
+        unloaded = lambda: (host_health(port) or {}).get("status") == "unloaded"  # noqa: E731
+        await in_thread(lambda: wait_for(unloaded, within=60, what="the host unloaded for training"))
         assert state.worker_pid is not None
         os.kill(state.worker_pid, signal.SIGKILL)
         # The lease names a dead process: the host reloads by itself. Its log says so rather than a poll of
@@ -164,7 +167,7 @@ async def test_kill_9_loses_nothing_and_the_watcher_resumes_and_restores_the_hos
         assert read_model(state_path, RunState).attempts == 2
         kernel = await kernel_info(client, "tiny")
         assert kernel["experiences"] == len(FACTS) and kernel["untrained"] == 0
-        await in_thread(lambda: wait_for(serving, within=10, what="the host back after the run"))
+        await in_thread(lambda: wait_for(serving, within=60, what="the host back after the run"))
     # Loaded at start, reloaded by itself after the kill (its lease holder died), and after the resumed run.
     assert procs.log("host").count("host ready") >= 3
     assert "exited with -9" in procs.log("watch")
@@ -198,7 +201,7 @@ async def test_a_failed_gate_deploys_nothing_and_says_which(procs: Procs, tiny_e
         assert not (settings.layout.kernel_dir("tiny") / "versions" / "v2").exists()
         kernel = await kernel_info(client, "tiny")
         assert kernel["deployed_version"] == 1 and kernel["untrained"] == len(MORE_FACTS)
-    assert (host_health(port) or {}).get("status") == "ok"
+    wait_for(lambda: (host_health(port) or {}).get("status") == "ok", within=60, what="the host serving")
 
 
 async def test_a_corrupt_pending_request_goes_to_quarantine(procs: Procs, tiny_env: dict[str, str]) -> None:
@@ -259,7 +262,7 @@ async def test_cancel_stops_a_running_run_and_brings_the_host_back(procs: Procs,
         assert not (settings.layout.run_dir(run_id) / "checkpoints").exists()
         kernel = await kernel_info(client, "tiny")
         assert kernel["untrained"] == len(FACTS) and kernel["deployed_version"] is None
-    assert (host_health(port) or {}).get("status") == "ok"
+    wait_for(lambda: (host_health(port) or {}).get("status") == "ok", within=60, what="the host serving")
 
 
 async def test_feedback_loop_query_correct_autotrain_answer(procs: Procs, tiny_env: dict[str, str]) -> None:

@@ -94,14 +94,14 @@ class KernelFiles:
 
     def switch(self, version: int | None) -> None:
         """Point `current` at `versions/vN` (None: remove it, serving the bare base) atomically."""
+        if version is not None and version not in self.versions():
+            raise DeployError(f"kernel {self.kernel!r} has no complete version v{version} on disk")
+        self.root.mkdir(parents=True, exist_ok=True)  # a kernel that never deployed has no folder yet
         if version is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.current_link)
             fsync_dir(self.root)
             return
-        if version not in self.versions():
-            raise DeployError(f"kernel {self.kernel!r} has no complete version v{version} on disk")
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".current.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -89,7 +89,9 @@ class EventLog:
         now = time.monotonic()
         if step == self._last_step or (not final and step < total and now - self._last_training < 0.5):
             return
-        self._last_training, self._last_step = now, step
+        if fields.get("loss") is not None:  # a step without a loss (the set-up) must not hold back the first one
+            self._last_training = now
+        self._last_step = step
         self.emit("training", step=step, total_steps=total, **_finite(fields))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,11 @@ def test_concurrent_requests_share_decoding_steps_streamed_or_not(
     jobs = [Job("default", encode_prompt(engine.tokenizer, p), 10) for p in PROMPTS]
     jobs[0].on_text, jobs[1].on_text = pieces[0].append, pieces[1].append
     jobs.append(Job("default", encode_prompt(engine.tokenizer, PROMPTS[0]), 10))
-    done = [f.result(60) for f in [engine.submit(j) for j in jobs]]
+    gate = threading.Event()
+    engine.call(gate.wait)  # the engine thread waits until all four are queued, however slow this thread is
+    futures = [engine.submit(j) for j in jobs]
+    gate.set()
+    done = [f.result(60) for f in futures]
     assert batches == [4]  # one batch, one decoding loop for all four
     assert ["".join(p) for p in pieces] == [done[0].text, done[1].text]
     assert done[0].tokens == done[3].tokens  # batch companions do not change a greedy answer

@@ -25,7 +25,7 @@ from tests.learning.conftest import make_tokenizer
 from tests.procs import wait_for
 from train_worker.protocol import TrainingLease, write_model
 
-WAIT = 15  # seconds; the watchers poll every 50 ms here
+WAIT = 60  # seconds; the watchers poll every 50 ms here, but a loaded machine reloads slowly
 
 
 @pytest.fixture
