@@ -73,10 +73,10 @@ CORRECTIONS = [
 ]
 
 
-async def follow(client: Client, run_id: str, within: float = 1500) -> tuple[dict[str, Any], list[Any]]:
+async def follow(client: Client, run_id: str, within: float = 3000) -> tuple[dict[str, Any], list[Any]]:
     """Poll training_status like an agent would; return the final run and every (status, phase, progress) seen."""
     seen: list[tuple[str, str | None, float | None]] = []
-    deadline = time.monotonic() + within
+    deadline = time.monotonic() + within  # a run takes 4-8 min on idle cores; 25 min was seen beside a benchmark
     while time.monotonic() < deadline:
         run: dict[str, Any] = (await call(client, "training_status", run_id=run_id))["run"]
         seen.append((run["status"], run["phase"], run["progress"]))
