@@ -68,11 +68,13 @@ class Watcher:
                 if has_work(self.settings) and not worker_lock(layout.locks).held_elsewhere():
                     rc = self._run_worker()
                     failures = 0 if rc in (0, EXIT_INTERRUPTED) else failures + 1
-                    if failures and not self._stopping:
+                    if failures:
                         # A worker that keeps failing must not spin: back off, bounded. The run's own file
-                        # events (its claim moves the request) must not cut the backoff short.
+                        # events (its claim moves the request) must not cut the backoff short; a stop signal,
+                        # before the clear or after it, still does.
                         self._wake.clear()
-                        self._wake.wait(min(60.0, 2.0**failures))
+                        if not self._stopping:
+                            self._wake.wait(min(60.0, 2.0**failures))
                     continue
                 self._wake.wait(self.poll)
                 self._wake.clear()
