@@ -226,9 +226,12 @@ class Suite:
         self.records: list[dict[str, Any]] = []
         self.controller = "lease"
         self.facts = 0
+        self.opened: list[Home] = []
 
     def home(self, name: str) -> Home:
-        return Home(self.work / name, self.model, self.cache, self.controller)
+        home = Home(self.work / name, self.model, self.cache, self.controller)
+        self.opened.append(home)
+        return home
 
     def new_facts(self, n: int = 4) -> list[dict[str, str]]:
         start, self.facts = self.facts, self.facts + n
@@ -702,6 +705,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             elif row == "record":
                 await suite.record_load(each=args.records)
     finally:
+        for home in suite.opened:  # a row that failed or was stopped leaves no host or watcher behind
+            home.close()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return {
@@ -728,6 +733,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", action="store_true", help="replace only these rows' records in --out")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so the clean-up above runs
     result = anyio.run(main_async, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
