@@ -213,7 +213,13 @@ class Pickup:
 
     async def reconcile_served(self) -> None:
         """`current` is what serves; the store's deployed versions follow it (a lost result, a crashed rollback)."""
+        # A run in flight switches `current` just before it writes its result, which records the version; a
+        # sweep in between is not a lost result. A run that dies there ends (resumed by the next worker, or
+        # cancelled), and the sweep after that reconciles its kernel.
+        in_flight = {run.kernel for run in await self._store.runs.with_status("running", "evaluating")}
         for kernel in await self._store.kernels.all():
+            if kernel.name in in_flight:
+                continue
             files = KernelFiles(self._layout, kernel.name)
             try:
                 serving = await anyio.to_thread.run_sync(files.current)

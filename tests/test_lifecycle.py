@@ -19,7 +19,7 @@ from mcp import Client
 
 from server.app import create_server
 from store.models import ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, RunStatus
-from tests.helpers import claim, eventually, fake_version
+from tests.helpers import claim, event, eventually, fake_version
 from tests.test_server_tools import FACTS, call, error
 from train_worker import lifecycle
 from train_worker.lifecycle import RunFiles
@@ -253,6 +253,32 @@ async def test_the_store_follows_what_current_serves(settings: Settings) -> None
         assert kernel["deployed_version"] == 1
         await call(client, "rollback_kernel", kernel="default", version=0)
         assert (await call(client, "list_kernels"))["kernels"][0]["deployed_version"] is None
+
+
+async def test_a_deploy_in_flight_is_left_to_its_result(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """The worker switches `current` just before it writes its result: a sweep in between used to warn of a
+    lost result on every such deploy. Once the run ends without recording the version, the store follows."""
+    layout = settings.layout
+    async with Client(create_server(settings)) as client:
+        run_id = await _run(client)
+        claim(layout)
+        write_atomic(layout.active / run_id, b"")
+        event(layout, run_id, 0, "evaluating")
+
+        async def evaluating() -> bool:
+            return bool((await _status(client, run_id))["status"] == "evaluating")
+
+        await eventually(evaluating)
+        fake_version(layout, "default", 1, run_id)
+        (layout.kernel_dir("default") / "current").symlink_to("versions/v1")
+        assert (await _status(client, run_id))["status"] == "evaluating"
+        assert (await call(client, "list_kernels"))["kernels"][0]["deployed_version"] is None
+        assert "the store follows current" not in caplog.text
+        ended = RunResult(run_id=run_id, kernel="default", status="failed", finished_at=datetime.now(UTC))
+        write_model(layout.results / f"{run_id}.json", ended)
+        await _ended(client, run_id)
+        await call(client, "training_status")
+        assert (await call(client, "list_kernels"))["kernels"][0]["deployed_version"] == 1
 
 
 def test_leftover_staging_and_temp_files_are_swept(settings: Settings) -> None:
