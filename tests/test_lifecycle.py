@@ -256,8 +256,8 @@ async def test_the_store_follows_what_current_serves(settings: Settings) -> None
 
 
 async def test_a_deploy_in_flight_is_left_to_its_result(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
-    """The worker switches `current` just before it writes its result: a sweep in between used to warn of a
-    lost result on every such deploy. Once the run ends without recording the version, the store follows."""
+    """The worker switches `current` just before it writes its result: a sweep in between used to take the
+    deploy for a lost result and warn. Once the run ends without recording the version, the store follows."""
     layout = settings.layout
     async with Client(create_server(settings)) as client:
         run_id = await _run(client)
