@@ -27,7 +27,20 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "img"
-COLORS = ["#868e96", "#f59f00", "#e8590c", "#7048e8", "#1c7ed6", "#2b8a3e", "#c2255c", "#0b7285"]
+# One colour per strategy (the continual plot has up to eleven), the default's first.
+COLORS = [
+    "#868e96",
+    "#f59f00",
+    "#e8590c",
+    "#7048e8",
+    "#1c7ed6",
+    "#2b8a3e",
+    "#c2255c",
+    "#0b7285",
+    "#212529",
+    "#66a80f",
+    "#ae3ec9",
+]
 
 
 def _strategies(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
