@@ -69,8 +69,9 @@ class Settings(BaseSettings):
         default="f16",
         description="Weights the llama.cpp backend serves: an f16 copy of the GGUF file made once (the default: "
         "about 0.8x the speed of the shipped file, and 96% of its greedy answers those of the fp32 model the "
-        "worker trains and evaluates), the file as shipped (the embedded model's is Q4_1: faster, but 42% of its "
-        "answers differ from what the gates judged), or an f32 copy (slowest, and no closer than f16). "
+        "worker trains and evaluates), the file as shipped (the embedded model's is Q4_1: faster, but 46% of its "
+        "answers differ from what the gates judged), or an f32 copy (slowest, and exact: with an f32 KV cache and "
+        "no flash attention, every greedy answer is the fp32 model's). "
         "Figures: docs/benchmarks.md, Serving.",
     )
     host_threads: int | None = Field(
