@@ -88,6 +88,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "mid_layers": {"adapter": {"layers": list(range(6, 24))}},
     "self_distilled": {"self_distilled_targets": True},
     "no_must_keep_rehearsal": {"rehearse_must_keep": False},
+    "tighter_nullspace": {"nullspace": {"general_threshold": 0.2}},
+    "more_anchors": {"anchor_ratio": 2.0},
     "default": {},
 }
 

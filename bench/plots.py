@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "img"
-# One colour per strategy (the continual plot has up to eleven), the default's first.
+# One colour per strategy (the continual plot has up to fourteen), the default's first.
 COLORS = [
     "#868e96",
     "#f59f00",
@@ -40,6 +40,9 @@ COLORS = [
     "#212529",
     "#66a80f",
     "#ae3ec9",
+    "#5c940d",
+    "#d6336c",
+    "#1864ab",
 ]
 
 
