@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python -m bench.train_speed
 	$(BIN)/python -m bench.serve
 	$(BIN)/python -m bench.continual
+	$(BIN)/python -m bench.ablation
 
 # The PNG plots in docs/benchmarks.md, from bench/results/*.json (seconds; no benchmark runs).
 plots: install

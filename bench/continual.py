@@ -90,6 +90,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "no_must_keep_rehearsal": {"rehearse_must_keep": False},
     "tighter_nullspace": {"nullspace": {"general_threshold": 0.2}},
     "more_anchors": {"anchor_ratio": 2.0},
+    "down_proj_only": {"adapter": {"target_modules": ["down_proj"]}},
     "default": {},
 }
 

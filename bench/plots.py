@@ -40,7 +40,7 @@ COLORS = [
     "#212529",
     "#66a80f",
     "#ae3ec9",
-    "#5c940d",
+    "#8d6e63",
     "#d6336c",
     "#1864ab",
 ]
@@ -101,7 +101,9 @@ def continual(data: dict[str, Any]) -> Figure:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     axes.flat[3].axhline(1.0, color="black", linewidth=0.8, linestyle=":")
-    axes.flat[0].legend(fontsize=8, loc="lower left")
+    # The held-back panel is empty below its points (round 1 has none): the legend hides no data there.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[1].legend(handles, labels, fontsize=8, loc="lower right", ncol=2)
     meta = data.get("meta", {})
     fig.suptitle(f"Continual learning on {meta.get('model', 'the model')} (mean over seeds)")
     return fig

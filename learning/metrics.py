@@ -254,13 +254,13 @@ def compute_metrics(
     if output_schema is not None:
         m.schema_compliance = _mean([float(bool(s.schema_ok)) for s in scores if s.schema_ok is not None])
     if baseline is not None:
-        _general(model, tokenizer, baseline, m)
+        measure_general(model, tokenizer, baseline, m)
     m.seconds = time.perf_counter() - started
     log.info("metrics computed in %.1f s", m.seconds)
     return m
 
 
-def _general(model: nn.Module, tokenizer: PreTrainedTokenizerBase, baseline: Baseline, m: Metrics) -> None:
+def measure_general(model: nn.Module, tokenizer: PreTrainedTokenizerBase, baseline: Baseline, m: Metrics) -> None:
     """Anchor agreement, probes kept and the perplexity ratio, against the base model's baseline."""
     anchors = [a for a in baseline.eval_anchors if a.ids]
     if anchors:
