@@ -59,7 +59,7 @@ RESULTS = Path(__file__).parent / "results" / "continual.json"
 KERNEL = "bench"
 
 # Overrides of TrainSettings() per strategy. "default" is TrainSettings() itself; the others each
-# change one thing, so every row says what one lever does.
+# change one thing, so every row says what one lever does (or, with a suffix, one more on top of a row).
 PREVIOUS_DEFAULT: dict[str, Any] = {  # what shipped before this benchmark: one adapter trained further each run
     "adapter_mode": "continue",
     "nullspace": None,
@@ -91,6 +91,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "tighter_nullspace": {"nullspace": {"general_threshold": 0.2}},
     "more_anchors": {"anchor_ratio": 2.0},
     "down_proj_only": {"adapter": {"target_modules": ["down_proj"]}},
+    "down_proj_only_lr_1e-2": {"adapter": {"target_modules": ["down_proj"]}, "learning_rate": 1e-2},
     "default": {},
 }
 

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "img"
-# One colour per strategy (the continual plot has up to fourteen), the default's first.
+# One colour per strategy (the continual plot has up to fifteen), the default's first.
 COLORS = [
     "#868e96",
     "#f59f00",
@@ -43,6 +43,7 @@ COLORS = [
     "#8d6e63",
     "#d6336c",
     "#1864ab",
+    "#0ca678",
 ]
 
 
