@@ -86,6 +86,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "nullspace_general_only": {"nullspace": {"facts": False}},
     "nullspace_no_anchors": {"anchor_ratio": 0.0, "neighbour_anchors": False, "kl_weight": 0.0},
     "mid_layers": {"adapter": {"layers": list(range(6, 24))}},
+    "bottom_two_thirds": {"adapter": {"layers": list(range(20))}},
     "self_distilled": {"self_distilled_targets": True},
     "no_must_keep_rehearsal": {"rehearse_must_keep": False},
     "tighter_nullspace": {"nullspace": {"general_threshold": 0.2}},
