@@ -11,7 +11,7 @@ size (scale it down: does general knowledge come back before the facts go?), and
 modules carry it.
 
     .venv/bin/python -m bench.ablation                     # default strategy, seed 0 -> bench/results/ablation.json
-    .venv/bin/python -m bench.ablation --strategy down_proj_only
+    .venv/bin/python -m bench.ablation --strategy bottom_two_thirds   # any strategy whose round 1 deploys
 """
 
 from __future__ import annotations
