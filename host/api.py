@@ -74,6 +74,11 @@ class ChatRequest(BaseModel):
         return self
 
     @property
+    def asked(self) -> str:
+        """What the conversation asks, for scope routing: every message but the assistant's."""
+        return "\n".join(m.text for m in self.messages if m.role != "assistant")
+
+    @property
     def token_budget(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 128
 

@@ -122,7 +122,7 @@ def create_app(engine: Engine, token: str) -> Starlette:
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
         )
-        job = Job(kernel, prompt_ids, body.token_budget, sampling, body.stop_sequences)
+        job = Job(kernel, prompt_ids, body.token_budget, sampling, body.stop_sequences, text=body.asked)
         started = time.perf_counter()
         reply = Reply(kernel, len(prompt_ids))
         if body.stream:

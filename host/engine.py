@@ -7,6 +7,8 @@
 - Each request's tokens become text here (`TextStream`): stop sequences, finish reasons, streaming.
 - Which version each kernel serves follows `kernels/<name>/current`; the engine asks the backend to
   attach, swap or drop adapters accordingly, never reloading the base for a deploy.
+- A version saved with a scope (`scope.json`, learning/scope.py) answers only requests that name
+  something the kernel was taught; the bare base answers the rest, and says so (`version` None).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Literal
 from host.backend import Backend, Sequence
 from host.sampling import GREEDY, Sampling
 from host.textstream import TextStream
+from learning.scope import Scope, read_scope
 from train_worker.deploy import DeployError, KernelFiles
 from train_worker.protocol import ProtocolError, TrainingLease, read_events
 from train_worker.settings import Settings
@@ -73,6 +76,7 @@ class Job:
     max_new_tokens: int
     sampling: Sampling = GREEDY
     stop: list[str] = field(default_factory=list)
+    text: str | None = None  # what the request asks, routed by the version's scope; None: the adapter answers
     # Called on the engine thread with each piece of text as it is released (streaming), then not again.
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
@@ -98,6 +102,7 @@ class Engine:
         self._queue: queue.Queue[Job | Command] = queue.Queue()
         self._pending: collections.deque[Job | Command] = collections.deque()  # taken, to run after this batch
         self._resident: dict[str, int] = {}  # kernel -> version whose adapter the backend holds
+        self._scopes: dict[str, Scope | None] = {}  # kernel -> the resident version's scope (None: every prompt)
         self._refused: dict[str, tuple[int, KernelUnservable]] = {}  # kernel -> (version, why), not retried
         self.last_deploy_ms: float | None = None
         # The live training lease the host is unloaded for (set by the lease watcher), and who unloaded it.
@@ -208,15 +213,15 @@ class Engine:
             for kernel, group in by_kernel.items():
                 self._generate(kernel, group)
 
-    def _admit(self, kernel: str, room: int) -> list[Job]:
-        """Requests for `kernel` that arrived while its batch runs, unless a command or another kernel waits."""
+    def _admit(self, kernel: str, room: int, joins: Callable[[Job], bool]) -> list[Job]:
+        """Requests for `kernel` that arrived while its batch runs and `joins` it, unless anything else waits."""
         admitted: list[Job] = []
         while len(admitted) < room and not self._pending:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, Job) and item.kernel == kernel:
+            if isinstance(item, Job) and item.kernel == kernel and joins(item):
                 admitted.append(item)
             else:
                 self._pending.append(item)
@@ -265,6 +270,7 @@ class Engine:
         started = time.perf_counter()
         try:
             self._check_base(files, version)
+            scope = _scope(files, version)
             how = self.backend.attach(kernel, version, files.version_dir(version))
         except Exception as exc:
             why = (
@@ -279,6 +285,7 @@ class Engine:
             raise why from exc
         self._refused.pop(kernel, None)
         self._resident[kernel] = version
+        self._scopes[kernel] = scope
         self.last_deploy_ms = (time.perf_counter() - started) * 1e3
         log.info("kernel %s now serves v%d (%s in %.0f ms)", kernel, version, how, self.last_deploy_ms)
         return version
@@ -304,11 +311,28 @@ class Engine:
             for job in jobs:
                 job.future.set_exception(exc)
             return
+        scope = self._scopes.get(kernel) if version is not None else None
+
+        def answers(job: Job) -> int | None:
+            """The version that answers `job`: the kernel's, or None (the bare base) outside its scope."""
+            if scope is None or job.text is None or scope.covers(job.text):
+                return version
+            return None
+
+        by_version: dict[int | None, list[Job]] = {}
+        for job in jobs:
+            by_version.setdefault(answers(job), []).append(job)
+        for answering, group in by_version.items():
+            self._run(kernel, answering, group, answers)
+
+    def _run(self, kernel: str, version: int | None, jobs: list[Job], answers: Callable[[Job], int | None]) -> None:
+        """Generate for `jobs` with `version`'s adapter (None: the bare base); newcomers it answers join them."""
         running = [_Running(job, self.tokenizer, version) for job in jobs]
 
         def admit() -> list[Sequence]:
             room = MAX_BATCH - sum(1 for r in running if not r.job.future.done())
-            newcomers = [_Running(job, self.tokenizer, version) for job in self._admit(kernel, room)]
+            joins = self._admit(kernel, room, lambda job: answers(job) == version)
+            newcomers = [_Running(job, self.tokenizer, version) for job in joins]
             running.extend(newcomers)
             return [r.sequence for r in newcomers]
 
@@ -360,6 +384,16 @@ class _Running:
         self.job.future.set_result(
             Completion(list(self.stream.tokens), self.stream.text, self.finish_reason, self.version)
         )
+
+
+def _scope(files: KernelFiles, version: int) -> Scope | None:
+    try:
+        return read_scope(files.version_dir(version))
+    except (OSError, ValueError) as exc:
+        raise KernelUnservable(
+            f"kernel {files.kernel!r} v{version} has an unreadable scope.json ({exc}); roll the kernel back, or "
+            "delete that file to let the adapter answer every prompt"
+        ) from exc
 
 
 def _run_progress(run_dir: Path | None) -> str:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ReplayStrategy = Literal["uniform", "reservoir", "prioritized", "nearest"]
 AdapterMode = Literal["continue", "grow"]
+ServeScope = Literal["taught", "all"]
 
 MAX_INT = 2**63 - 1  # what SQLite, JSON readers and torch seeds all hold
 # One optimizer step holds batch_size x max_seq_len tokens of activations; past this a step does not fit
@@ -137,6 +138,18 @@ class TrainSettings(BaseModel):
     )
     early_stop_patience: int = Field(
         default=1, ge=1, le=100, description="Consecutive epoch checks that must reach early_stop_em."
+    )
+    serve_scope: ServeScope = Field(
+        default="taught",
+        description="'taught': the version's adapter answers only prompts that name something the kernel was "
+        "taught, and the base answers the rest, so general knowledge cannot drift (learning/scope.py). 'all': "
+        "the adapter answers every prompt, which teaching a behaviour rather than facts needs.",
+    )
+    scope_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of a taught prompt's rarity-weighted words a prompt must contain to be in scope.",
     )
     checkpoint_every: int = Field(default=20, ge=1, le=1_000_000, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Newest checkpoints kept on disk.")

@@ -12,6 +12,10 @@
   got right that are still right, and perplexity on a reference text as a ratio;
 - format: JSON-schema compliance of the answers when the kernel declares an output schema.
 
+With a `Scope` (learning/scope.py), every item is answered as the host will serve it: by the adapter when
+its prompt is in scope, by the base with the adapter switched off otherwise. Both are computed, never
+assumed. `Metrics.routing` counts which items went where, so a scope that misses paraphrases shows.
+
 Most of these are "still answered as before" questions: `learning.greedy_check.ask` settles those with
 one teacher-forced pass and generates only the answers that changed. A metric that cannot be measured
 (no paraphrases, no earlier items, no schema) is None, never a default.
@@ -19,9 +23,10 @@ one teacher-forced pass and generates only the answers that changed. A metric th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +39,8 @@ from learning.config import KeepFact
 from learning.examples import Example
 from learning.formatting import encode_example, encode_prompt
 from learning.greedy_check import Ask, Reply, ask, follows
-from learning.reports import ItemScore, LostItem, Metrics, NewFact
+from learning.reports import ItemScore, LostItem, Metrics, NewFact, Routing
+from learning.scope import Scope
 from learning.scoring import contains, contains_any, normalise, perplexity, token_f1
 
 log = logging.getLogger(__name__)
@@ -109,16 +115,41 @@ def _must_keep_ask(tokenizer: PreTrainedTokenizerBase, item: MustKeep) -> Ask:
     )
 
 
+@contextlib.contextmanager
+def base_only(model: nn.Module) -> Iterator[None]:
+    """The bare base model for the duration: the adapter switched off, as the host serves out-of-scope prompts."""
+    disable = getattr(model, "disable_adapter", None)
+    with disable() if disable is not None else contextlib.nullcontext():
+        yield
+
+
+def routed_ask(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, asks: Sequence[Ask], texts: Sequence[str], scope: Scope | None
+) -> tuple[list[Reply], list[bool]]:
+    """Replies as served (the adapter for prompts in `scope`, the base for the rest), and which were in scope."""
+    inside = [scope is None or scope.covers(t) for t in texts]
+    replies: list[Reply | None] = [None] * len(asks)
+    for adapted in (True, False):
+        rows = [i for i, s in enumerate(inside) if s == adapted]
+        if not rows:
+            continue
+        with contextlib.nullcontext() if adapted else base_only(model):
+            for i, reply in zip(rows, ask(model, tokenizer, [asks[i] for i in rows]), strict=True):
+                replies[i] = reply
+    return [r for r in replies if r is not None], inside
+
+
 def assess_prior(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     earlier: Sequence[Example],
     must_keep: Sequence[MustKeep],
+    scope: Scope | None = None,
 ) -> Prior:
-    """What the model as it is now (the version being replaced) answers to earlier facts and must-keep items."""
+    """What the version being replaced answers, as served under its `scope`, to earlier facts and must-keep items."""
     asks = [_fact_ask(tokenizer, e.prompt, e, stop_early=True) for e in earlier]
     asks += [_must_keep_ask(tokenizer, m) for m in must_keep]
-    replies = ask(model, tokenizer, asks)
+    replies, _ = routed_ask(model, tokenizer, asks, [e.prompt for e in earlier] + [m.prompt for m in must_keep], scope)
     answers: dict[str, str] = {}
     right: dict[str, bool] = {}
     for e, r in zip(earlier, replies[: len(earlier)], strict=True):
@@ -169,8 +200,12 @@ def compute_metrics(
     must_keep: Sequence[MustKeep] = (),
     baseline: Baseline | None = None,
     output_schema: dict[str, Any] | None = None,
+    scope: Scope | None = None,
 ) -> Metrics:
-    """Evaluate the model as it is (adapter active); retention and must-keep need `prior`, drift needs `baseline`."""
+    """Evaluate the model as served under `scope` (None: the adapter answers everything).
+
+    Retention and must-keep need `prior`; drift needs `baseline`.
+    """
     started = time.perf_counter()
     stop_early = output_schema is None  # a schema is checked on whole answers
     groups: list[tuple[str, str, Example]] = [("new", e.prompt, e) for e in new]
@@ -180,8 +215,16 @@ def compute_metrics(
     asks = [_fact_ask(tokenizer, prompt, e, stop_early=stop_early) for _, prompt, e in groups]
     checked_keep = list(must_keep) if prior is not None else []
     asks += [_must_keep_ask(tokenizer, m) for m in checked_keep]
-    replies = ask(model, tokenizer, asks)
+    texts = [prompt for _, prompt, _ in groups] + [k.prompt for k in checked_keep]
+    replies, inside = routed_ask(model, tokenizer, asks, texts, scope)
     m = Metrics()
+    if scope is not None:
+        m.routing = Routing(
+            new_out=sum(not i for (kind, _, _), i in zip(groups, inside, strict=False) if kind == "new"),
+            paraphrases_out=sum(not i for (kind, _, _), i in zip(groups, inside, strict=False) if kind == "paraphrase"),
+            earlier_out=sum(not i for (kind, _, _), i in zip(groups, inside, strict=False) if kind == "earlier"),
+            must_keep_in=sum(inside[len(groups) :]),
+        )
     scores: list[ItemScore] = []
     for (kind, prompt, e), reply in zip(groups, replies, strict=False):
         before = prior.right.get(e.id) if prior is not None and kind == "earlier" else None
@@ -254,34 +297,52 @@ def compute_metrics(
     if output_schema is not None:
         m.schema_compliance = _mean([float(bool(s.schema_ok)) for s in scores if s.schema_ok is not None])
     if baseline is not None:
-        measure_general(model, tokenizer, baseline, m)
+        measure_general(model, tokenizer, baseline, m, scope)
     m.seconds = time.perf_counter() - started
     log.info("metrics computed in %.1f s", m.seconds)
     return m
 
 
-def measure_general(model: nn.Module, tokenizer: PreTrainedTokenizerBase, baseline: Baseline, m: Metrics) -> None:
-    """Anchor agreement, probes kept and the perplexity ratio, against the base model's baseline."""
+def measure_general(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    baseline: Baseline,
+    m: Metrics,
+    scope: Scope | None = None,
+) -> None:
+    """Anchor agreement, probes kept and the perplexity ratio, against the base model's baseline, as served."""
     anchors = [a for a in baseline.eval_anchors if a.ids]
     if anchors:
         pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        prompts = [encode_prompt(tokenizer, a.prompt) for a in anchors]
-        checks = follows(model, prompts, [a.ids for a in anchors], pad)
-        m.anchor_agreement = sum(c.agreement for c in checks) / len(checks)
+        agreement = 0.0
+        for adapted in (True, False):
+            rows = [a for a in anchors if (scope is None or scope.covers(a.prompt)) == adapted]
+            if not rows:
+                continue
+            with contextlib.nullcontext() if adapted else base_only(model):
+                prompts = [encode_prompt(tokenizer, a.prompt) for a in rows]
+                agreement += sum(c.agreement for c in follows(model, prompts, [a.ids for a in rows], pad))
+        m.anchor_agreement = agreement / len(anchors)
     items = probes()
     base_right = [i for i, b in enumerate(baseline.probes) if b.correct]
     as_items = [
         MustKeep(f"probe:{i}", items[i].prompt, tuple(items[i].answers), tuple(baseline.probes[i].path))
         for i in base_right
     ]
-    probe_replies: list[Reply] = ask(model, tokenizer, [_must_keep_ask(tokenizer, item) for item in as_items])
+    probe_replies, inside = routed_ask(
+        model, tokenizer, [_must_keep_ask(tokenizer, item) for item in as_items], [i.prompt for i in as_items], scope
+    )
+    if m.routing is not None:
+        m.routing.probes_in = sum(inside)
     kept = [contains_any(r.text, items[i].answers) for r, i in zip(probe_replies, base_right, strict=True)]
     m.probes_checked = len(base_right)
     m.general_kept = _mean([float(k) for k in kept])
     m.lost_probes = [
         f"{items[i].prompt} -> {r.text}" for r, i, k in zip(probe_replies, base_right, kept, strict=True) if not k
     ]
-    m.ppl = perplexity(model, tokenizer, reference_text())
+    text = reference_text()
+    with contextlib.nullcontext() if scope is None or scope.covers(text) else base_only(model):
+        m.ppl = perplexity(model, tokenizer, text)
     m.base_ppl = baseline.reference_ppl
     m.ppl_ratio = m.ppl / baseline.reference_ppl
 

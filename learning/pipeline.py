@@ -18,7 +18,8 @@ Contract, in the order a worker uses it:
    all metrics plus the gate report; `report.gates.passed` decides deployment.
 4. `save_version(candidate, report, version_dir)`: writes, atomically, `version_dir/` with
    `adapter_config.json` + `adapter_model.safetensors` (peft format: `PeftModel.from_pretrained(base,
-   version_dir)` serves it), `fisher.safetensors` (when EWC is on) and `eval_report.json`.
+   version_dir)` serves it), `fisher.safetensors` (when EWC is on), `scope.json` (the prompts the
+   adapter answers, when `serve_scope` is 'taught'; learning/scope.py) and `eval_report.json`.
 5. `release(bundle, candidate)`: removes the adapter layers so the bare base can be reused.
 
 A version directory is what `previous_version` expects on the next run.
@@ -52,6 +53,7 @@ from learning.losses import hidden_states, per_row_mean, selected_logits, target
 from learning.metrics import MustKeep, Prior, assess_prior, compute_metrics, must_keep_items
 from learning.model_loading import ensure_base_model, load_base, model_device, setup_threads
 from learning.reports import Metrics, Progress, TrainOutcome
+from learning.scope import SCOPE_FILE, Scope, read_scope
 from learning.train import EwcTerm, run_fingerprint, train
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class Candidate:
     settings: TrainSettings
     prior: Prior
     must_keep: list[MustKeep]
+    scope: Scope | None  # the prompts this version's adapter answers; None: every prompt
 
 
 class EvalReport(BaseModel):
@@ -226,15 +229,16 @@ def _prior(
     earlier: Sequence[Example],
     must_keep: Sequence[MustKeep],
     checkpoint_dir: Path | None,
+    scope: Scope | None,
 ) -> Prior:
-    """What the version being replaced answers (the model before any step), kept beside the checkpoints."""
+    """What the version being replaced answers (the model before any step, as served under its `scope`)."""
     path = checkpoint_dir / PRIOR_FILE if checkpoint_dir is not None else None
     if path is not None and path.is_file():
         try:
             return Prior.from_json(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError):
             log.warning("recomputing an unreadable %s", path)
-    prior = assess_prior(model, bundle.tokenizer, earlier, must_keep)
+    prior = assess_prior(model, bundle.tokenizer, earlier, must_keep, scope)
     if path is not None:
         atomic_write_text(path, json.dumps(prior.to_json()))
     return prior
@@ -265,7 +269,7 @@ def run_training(
     else:
         model = lora.attach(bundle.model, settings.adapter, previous_version, seed=settings.seed)
     keep = must_keep_items(bundle.baseline, must_keep)
-    prior = _prior(bundle, model, earlier, keep, checkpoint_dir)
+    prior = _prior(bundle, model, earlier, keep, checkpoint_dir, read_scope(previous_version))
     previous_fisher: dict[str, torch.Tensor] | None = None
     if previous_version is not None and (previous_version / FISHER_FILE).is_file():
         previous_fisher = ewc.load_fisher(previous_version / FISHER_FILE, model_device(model))
@@ -329,7 +333,14 @@ def run_training(
             model, bundle.tokenizer, _fisher_examples(new, earlier, settings.seed), settings.max_seq_len
         )
         fisher = ewc.merge_fisher(previous_fisher, current, settings.fisher_decay)
-    return Candidate(model=model, outcome=outcome, fisher=fisher, settings=settings, prior=prior, must_keep=keep)
+    scope = (
+        Scope.of([e.prompt for e in (*earlier, *new)], settings.scope_threshold)
+        if settings.serve_scope == "taught"
+        else None
+    )
+    return Candidate(
+        model=model, outcome=outcome, fisher=fisher, settings=settings, prior=prior, must_keep=keep, scope=scope
+    )
 
 
 def evaluate_candidate(
@@ -340,7 +351,7 @@ def evaluate_candidate(
     thresholds: GateThresholds,
     output_schema: dict[str, Any] | None = None,
 ) -> EvalReport:
-    """Every metric of the candidate as it is (adapter active), and the gates against `thresholds`."""
+    """Every metric of the candidate as served (its adapter inside its scope), and the gates against `thresholds`."""
     metrics = compute_metrics(
         candidate.model,
         bundle.tokenizer,
@@ -351,6 +362,7 @@ def evaluate_candidate(
         must_keep=candidate.must_keep,
         baseline=bundle.baseline,
         output_schema=output_schema,
+        scope=candidate.scope,
     )
     gates = apply_gates(metrics, thresholds)
     log.info("gates: %s", gates.summary())
@@ -363,6 +375,8 @@ def save_version(candidate: Candidate, report: EvalReport | None, version_dir: P
         lora.write_adapter(candidate.model, tmp)
         if candidate.fisher is not None:
             ewc.save_fisher(tmp / FISHER_FILE, candidate.fisher)
+        if candidate.scope is not None:
+            (tmp / SCOPE_FILE).write_text(candidate.scope.model_dump_json(), encoding="utf-8")
         if report is not None:
             (tmp / REPORT_FILE).write_text(report.model_dump_json(indent=1), encoding="utf-8")
     return version_dir

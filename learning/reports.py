@@ -99,6 +99,18 @@ class LostItem(BaseModel):
         return line
 
 
+class Routing(BaseModel):
+    """Where a scoped evaluation sent its items (learning/scope.py): the counts that went the unexpected way."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    new_out: int = Field(default=0, description="New questions the base answered (out of scope).")
+    paraphrases_out: int = Field(default=0, description="Paraphrases of new facts the base answered.")
+    earlier_out: int = Field(default=0, description="Earlier facts the base answered.")
+    must_keep_in: int = Field(default=0, description="Canaries and must-keep facts the adapter answered.")
+    probes_in: int = Field(default=0, description="General probes the adapter answered.")
+
+
 class Metrics(BaseModel):
     """All metrics of one candidate; None means not measurable for this run."""
 
@@ -123,5 +135,6 @@ class Metrics(BaseModel):
     base_ppl: float | None = None
     ppl_ratio: float | None = None
     schema_compliance: float | None = None
+    routing: Routing | None = Field(default=None, description="None: the adapter answered every item (no scope).")
     items: list[ItemScore] = []
     seconds: float = 0.0
