@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from host.engine import Engine, Job
+from host.engine import Engine, Job, KernelUnservable
 from host.transformers_backend import TransformersBackend
 from learning.formatting import encode_prompt
-from tests.host.conftest import PROMPTS, count_batches, deploy, reference
+from learning.scope import SCOPE_FILE, Scope
+from tests.host.conftest import PROMPTS, count_batches, deploy, install, make_adapter, reference
 from train_worker.deploy import KernelFiles
 from train_worker.settings import Settings
 
@@ -117,3 +118,40 @@ def test_a_cancelled_request_leaves_the_batch(engine: Engine) -> None:
     first, second = engine.submit(job), engine.submit(other)
     assert len(first.result(60).tokens) < 10
     assert second.result(60).tokens  # its companion went on
+
+
+def test_a_scoped_version_answers_only_what_it_was_taught_and_the_base_the_rest(
+    engine: Engine, tiny_base: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir, _ = tiny_base
+    files = KernelFiles(engine.settings.layout, "k")
+    staged = files.versions_dir / ".v1.staging"
+    make_adapter(model_dir, staged, seed=5, targets="all-linear")
+    (staged / SCOPE_FILE).write_text(Scope.of(["What is code Orvania?"], 0.5).model_dump_json())
+    v1 = install(engine.settings, "k", 1, staged, str(model_dir))
+    taught, other = "What is code Orvania?", "What is code Germany?"
+    batches = count_batches(engine, monkeypatch)
+    gate = threading.Event()
+    engine.call(gate.wait)  # both queued before the engine looks: they arrive in one batch
+    futures = [engine.submit(Job("k", encode_prompt(engine.tokenizer, p), 12, text=p)) for p in (taught, other)]
+    gate.set()
+    inside, outside = (f.result(60) for f in futures)
+    assert (inside.version, outside.version) == (1, None)
+    assert inside.tokens == reference(model_dir, v1, [taught])[0]
+    assert outside.tokens == reference(model_dir, None, [other])[0] != reference(model_dir, v1, [other])[0]
+    assert batches == [1, 1]  # the batch split in two: one decoding loop with the adapter, one without
+    # A request without routing text (a caller that does not say what it asks) gets the adapter.
+    assert ask(engine, "k", [other])[0][1] == 1
+
+
+def test_an_unreadable_scope_refuses_the_version_and_says_what_to_do(
+    engine: Engine, tiny_base: tuple[Path, Path]
+) -> None:
+    model_dir, _ = tiny_base
+    files = KernelFiles(engine.settings.layout, "k")
+    staged = files.versions_dir / ".v1.staging"
+    make_adapter(model_dir, staged, seed=5, targets="all-linear")
+    (staged / SCOPE_FILE).write_text('{"threshold": 2, "keys": []}')
+    install(engine.settings, "k", 1, staged, str(model_dir))
+    with pytest.raises(KernelUnservable, match="(?s)unreadable scope.json .*less than or equal to 1.*roll the kernel back"):
+        engine.submit(Job("k", encode_prompt(engine.tokenizer, "Hi?"), 4, text="Hi?")).result(60)

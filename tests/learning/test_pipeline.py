@@ -21,6 +21,10 @@ from learning.pipeline import (
     run_training,
     save_version,
 )
+from learning.formatting import encode_prompt
+from learning.greedy_check import Ask, ask
+from learning.metrics import base_only, routed_ask
+from learning.scope import SCOPE_FILE, Scope, read_scope
 from tests.learning.conftest import facts
 
 # The continued adapter with EWC (the earlier default): the grown, projected one has its own test below.
@@ -54,7 +58,10 @@ def test_two_versions_end_to_end(tiny_model_dir: Path, tiny_bundle_dirs: tuple[P
     assert m.anchor_agreement is not None and m.probes_checked == sum(bundle.baseline.probe_correct)
     assert {"retention", "schema"} <= set(report.gates.skipped)
     v1 = save_version(first, report, tmp_path / "v1")
-    assert {p.name for p in v1.iterdir()} == {"adapter_config.json", lora.ADAPTER_FILE, FISHER_FILE, REPORT_FILE}
+    files = {"adapter_config.json", lora.ADAPTER_FILE, FISHER_FILE, REPORT_FILE, SCOPE_FILE}
+    assert {p.name for p in v1.iterdir()} == files
+    assert read_scope(v1) == first.scope == Scope.of([e.prompt for e in round1], SETTINGS.scope_threshold)
+    assert m.routing is not None and (m.routing.new_out, m.routing.paraphrases_out) == (0, 0)
     assert EvalReport.model_validate_json((v1 / REPORT_FILE).read_text()).outcome == first.outcome
     release(bundle, first)
 
@@ -79,6 +86,28 @@ def test_two_versions_end_to_end(tiny_model_dir: Path, tiny_bundle_dirs: tuple[P
     assert schema_gate.value == 0.0 and schema_gate.margin == -1.0
     v2 = save_version(second, report2, tmp_path / "v2")
     assert json.loads((v2 / REPORT_FILE).read_text())["gates"]["passed"] is False
+
+
+def test_the_evaluation_answers_as_the_host_serves(tiny_model_dir: Path, tiny_bundle_dirs: tuple[Path, Path]) -> None:
+    models, cache = tiny_bundle_dirs
+    bundle = load_bundle(str(tiny_model_dir), models, cache, num_threads=1, device="cpu")
+    round1 = facts(4, prefix="a")
+    first = run_training(bundle, round1, [], SETTINGS)
+    texts = [round1[0].prompt, "Tell me something."]
+    asks = [Ask(prompt=encode_prompt(bundle.tokenizer, t), budget=12) for t in texts]
+    adapted = ask(first.model, bundle.tokenizer, asks)
+    with base_only(first.model):
+        base = ask(first.model, bundle.tokenizer, asks)
+    served, inside = routed_ask(first.model, bundle.tokenizer, asks, texts, first.scope)
+    assert inside == [True, False]
+    assert adapted[1] != base[1]  # the adapter would change the answer to a prompt it was not taught...
+    assert served == [adapted[0], base[1]]  # ...but the base answers it
+    unscoped, _ = routed_ask(first.model, bundle.tokenizer, asks, texts, None)
+    assert unscoped == adapted
+    release(bundle, first)
+
+    every = SETTINGS.model_copy(update={"serve_scope": "all"})
+    assert run_training(bundle, round1, [], every).scope is None
 
 
 def test_a_grown_adapter_keeps_earlier_rows_frozen(
