@@ -15,7 +15,11 @@ model knows):
 - `general_kept`: of the probes the base answers right (150+, never trained on), the share kept;
 - `ppl_ratio`: reference-text perplexity over the base's; `must_keep_lost`: canaries lost;
 - `paraphrase_em`: after the round, exact match on the other wordings of every fact taught so far
-  (measured on the deployed version by this script, the one figure the worker does not report);
+  (measured on the deployed version by this script, as the host serves it);
+- `general_kept`, `ppl_ratio` and the gates see what the host serves: with `serve_scope="taught"` (the
+  default) the base answers what names nothing taught. `routing` counts the items that went the
+  unexpected way, and `adapter_general_kept` / `adapter_ppl_ratio` (measured here) are the same
+  version's adapter answering every prompt, the drift that scoping keeps from users;
 - `train_to_deployed_s`: from the request to the recorded result.
 
     .venv/bin/python -m bench.continual                                  # every strategy, 5 rounds, 3 seeds
@@ -41,8 +45,10 @@ import anyio
 from learning import lora
 from learning.config import TrainSettings
 from learning.examples import Example
-from learning.metrics import answer_items
+from learning.metrics import answer_items, measure_general
 from learning.pipeline import Bundle, load_bundle
+from learning.reports import Metrics
+from learning.scope import read_scope
 from server.dispatch import Dispatcher
 from server.kernel_config import KernelConfig
 from server.pickup import Pickup
@@ -116,17 +122,30 @@ def load_rounds(path: Path = DATA) -> list[list[Example]]:
 
 
 def paraphrase_em(bundle: Bundle, version_dir: Path | None, facts: Sequence[Example]) -> float:
-    """Exact match on the paraphrases of `facts` under a deployed version (the bare base when None)."""
+    """Exact match on the paraphrases of `facts` as a deployed version serves them (the bare base when None)."""
     items = [("paraphrase", p, e) for e in facts for p in e.paraphrases]
     if version_dir is None:
         scores = answer_items(bundle.model, bundle.tokenizer, items)
     else:
         model = lora.attach_saved(bundle.model, version_dir, trainable=False)
         try:
-            scores = answer_items(model, bundle.tokenizer, items)
+            scores = answer_items(model, bundle.tokenizer, items, scope=read_scope(version_dir))
         finally:
             bundle.model = model.unload()
     return sum(s.em for s in scores) / len(scores)
+
+
+def adapter_general(bundle: Bundle, version_dir: Path | None) -> tuple[float | None, float | None]:
+    """General probes kept and perplexity ratio of a version's adapter answering every prompt (no scope)."""
+    if version_dir is None:
+        return None, None
+    model = lora.attach_saved(bundle.model, version_dir, trainable=False)
+    try:
+        m = Metrics()
+        measure_general(model, bundle.tokenizer, bundle.baseline, m)
+    finally:
+        bundle.model = model.unload()
+    return m.general_kept, m.ppl_ratio
 
 
 async def _quiet(*_: Any) -> None:
@@ -187,6 +206,12 @@ async def run_session(
                         "ppl_ratio",
                     )
                 },
+                "routing": m.get("routing"),
+                **dict(
+                    zip(
+                        ("adapter_general_kept", "adapter_ppl_ratio"), adapter_general(bundle, version_dir), strict=True
+                    )
+                ),
                 "new_paraphrase_em": m.get("paraphrase_em"),
                 "paraphrase_em": paraphrase_em(bundle, version_dir, taught),
                 "failed_gates": [g["name"] for g in report["gates"]["gates"] if g["status"] == "failed"],

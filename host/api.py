@@ -115,7 +115,10 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    engrain_version: int | None = Field(description="The kernel's adapter version that answered; None: the base.")
+    engrain_version: int | None = Field(
+        description="The kernel's adapter version that answered; None: the base "
+        "(nothing deployed, or the prompt names nothing the kernel was taught)."
+    )
 
 
 class Delta(BaseModel):

@@ -352,10 +352,11 @@ def answer_items(
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[tuple[str, str, Example]],
     output_schema: dict[str, Any] | None = None,
+    scope: Scope | None = None,
 ) -> list[ItemScore]:
-    """Greedy-answer (group, prompt, example) triples and score each against the example's key answer."""
+    """Greedy-answer (group, prompt, example) triples as served under `scope`; score each by its key answer."""
     asks = [_fact_ask(tokenizer, prompt, e, stop_early=output_schema is None) for _, prompt, e in items]
-    replies = ask(model, tokenizer, asks)
+    replies, _ = routed_ask(model, tokenizer, asks, [prompt for _, prompt, _ in items], scope)
     return [
         ItemScore(
             id=e.id,

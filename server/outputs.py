@@ -138,7 +138,10 @@ class StatusResult(BaseModel):
 
 class QueryResult(BaseModel):
     kernel: str
-    version: int | None = Field(description="The adapter version that answered; None: the bare base.")
+    version: int | None = Field(
+        description="The adapter version that answered; None: the bare base (nothing deployed, or the prompt "
+        "names nothing the kernel was taught: see the serve_scope setting)."
+    )
     response: str
     query_id: int = Field(description="Pass it to feedback to rate or correct this answer.")
     completion_tokens: int

@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 
 from learning import ewc, lora, pipeline
 from learning.config import AdapterSettings, GateThresholds, TrainSettings
+from learning.formatting import encode_prompt
+from learning.greedy_check import Ask, ask
+from learning.metrics import base_only, routed_ask
 from learning.pipeline import (
     FISHER_FILE,
     PRIOR_FILE,
@@ -21,9 +24,6 @@ from learning.pipeline import (
     run_training,
     save_version,
 )
-from learning.formatting import encode_prompt
-from learning.greedy_check import Ask, ask
-from learning.metrics import base_only, routed_ask
 from learning.scope import SCOPE_FILE, Scope, read_scope
 from tests.learning.conftest import facts
 
