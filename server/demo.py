@@ -46,13 +46,13 @@ async def _call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
     return dict(result.structured_content or {})
 
 
-async def _ask_all(client: Client, prompts: list[str]) -> list[str]:
-    """Ask concurrently: the host batches them into one generation."""
-    answers = [""] * len(prompts)
+async def _ask_all(client: Client, prompts: list[str]) -> list[tuple[str, str]]:
+    """Ask concurrently (the host batches them into one generation); each answer with who gave it."""
+    answers = [("", "")] * len(prompts)
 
     async def ask(i: int) -> None:
         reply = await _call(client, "query_kernel", kernel=KERNEL, prompt=prompts[i], max_new_tokens=48)
-        answers[i] = str(reply["response"])
+        answers[i] = (str(reply["response"]), "base" if reply["version"] is None else f"v{reply['version']}")
 
     async with anyio.create_task_group() as tg:
         for i in range(len(prompts)):
@@ -154,21 +154,27 @@ def _report(
     facts: list[dict[str, Any]],
     questions: list[str],
     general: list[str],
-    before: list[str],
-    after: list[str],
+    before: list[tuple[str, str]],
+    after: list[tuple[str, str]],
     run: dict[str, Any],
 ) -> None:
     keys = [f["key_answer"] for f in facts] * 2
     rows = []
-    for q, key, b, a in zip(questions, keys, before, after, strict=False):
+    for q, key, (b, _), (a, by) in zip(questions, keys, before, after, strict=False):
         mark = "[green]yes" if key.lower() in a.lower() else "[red]no"
-        rows.append((q, key, _short(b), _short(a), mark))
+        rows.append((q, key, _short(b), _short(a), by, mark))
     console.print(
-        _table("New facts: questions and paraphrases", rows, ("question", "key", "before", "after", "learnt"))
+        _table("New facts: questions and paraphrases", rows, ("question", "key", "before", "after", "by", "learnt"))
     )
     n = len(general)
-    general_rows = [(q, _short(b), _short(a)) for q, b, a in zip(general, before[-n:], after[-n:], strict=True)]
-    console.print(_table("General questions: kept?", general_rows, ("question", "before", "after")))
+    general_rows = [
+        (q, _short(b), _short(a), by) for q, (b, _), (a, by) in zip(general, before[-n:], after[-n:], strict=True)
+    ]
+    console.print(_table("General questions: kept?", general_rows, ("question", "before", "after", "by")))
+    console.print(
+        "by: who answered after training. The new version answers what names something it was taught; the base "
+        "answers the rest (serve_scope)."
+    )
     gate_rows = [
         (
             g["name"],

@@ -112,7 +112,7 @@ async def test_an_agent_teaches_facts_then_corrects_answers_and_the_kernel_learn
             assert answer["version"] == 1 and "Brindlemoor" in answer["response"]
             general = await call(client, "query_kernel", kernel="e2e", prompt="What is the capital of France?")
             print(f"general answer after training: {general['response']!r}")
-            assert "Paris" in general["response"]
+            assert general["version"] is None and "Paris" in general["response"]  # out of scope: the base answers
             assert (host_health(port) or {}).get("status") == "ok"  # the host is back up
 
             # Learning from use: the agent corrects two wrong answers; the policy trains on them by itself.

@@ -46,6 +46,7 @@ from learning.gates import Gate as Gate  # re-exported: a gate's verdict travels
 from learning.output_schema import SchemaProblem as SchemaProblem
 from learning.output_schema import check_schema as check_schema  # re-exported: the server checks at configure
 from learning.reports import LostItem as LostItem
+from learning.scope import Scope
 
 SCHEMA_VERSION: Literal[1] = 1
 CANCEL_MARKER = "cancel"  # runs/<run_id>/cancel: the server asks the worker to stop the run
@@ -323,6 +324,7 @@ FILE_MODELS: dict[str, type[BaseModel]] = {
     "run_state": RunState,
     "training_lease": TrainingLease,
     "host_endpoint": HostEndpoint,
+    "version_scope": Scope,
 }
 
 M = TypeVar("M", bound=BaseModel)
