@@ -83,7 +83,11 @@ PROTECTION_OFF: dict[str, Any] = {
     "kl_weight": 0.0,
     "ewc_lambda": 0.0,
 }
-STRATEGIES: dict[str, dict[str, Any]] = {
+# Every strategy but the default was measured with its adapter answering every prompt, before versions had a
+# scope: each row says what its lever does to the adapter itself. "unscoped" is today's training without
+# the scope, which is where the drift the scope keeps from users comes from.
+UNSCOPED: dict[str, Any] = {"serve_scope": "all"}
+_LEVERS: dict[str, dict[str, Any]] = {
     "naive": PROTECTION_OFF,
     "previous_default": PREVIOUS_DEFAULT,
     "previous_default_nearest_replay": {**PREVIOUS_DEFAULT, "replay_strategy": "nearest"},
@@ -99,7 +103,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "more_anchors": {"anchor_ratio": 2.0},
     "down_proj_only": {"adapter": {"target_modules": ["down_proj"]}},
     "down_proj_only_lr_1e-2": {"adapter": {"target_modules": ["down_proj"]}, "learning_rate": 1e-2},
-    "default": {},
+    "unscoped": {},
+}
+STRATEGIES: dict[str, dict[str, Any]] = {name: {**UNSCOPED, **lever} for name, lever in _LEVERS.items()} | {
+    "default": {}
 }
 
 
@@ -245,7 +252,7 @@ def summarise(seeds: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     n_rounds = len(runs[0])
 
     def per_round(key: str) -> list[list[float]]:
-        return [[r[i][key] for r in runs if r[i][key] is not None] for i in range(n_rounds)]
+        return [[r[i][key] for r in runs if r[i].get(key) is not None] for i in range(n_rounds)]
 
     def worst(key: str, high_is_bad: bool = False) -> tuple[float | None, float | None]:
         rounds = [values for values in per_round(key) if values]
@@ -264,6 +271,8 @@ def summarise(seeds: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
         ("general_kept", "general_kept", False),
         ("ppl_ratio", "ppl_ratio", True),
         ("must_keep_lost", "must_keep_lost", True),
+        ("adapter_general_kept", "adapter_general_kept", False),  # unscoped, measured by this script
+        ("adapter_ppl_ratio", "adapter_ppl_ratio", True),
     ):
         out[name], out[f"{name}_worst"] = worst(key, bad_high)
     finals = [r[-1]["paraphrase_em"] for r in runs]

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "img"
-# One colour per strategy (the continual plot has up to sixteen), the default's first.
+# One colour per strategy (the continual plot has up to seventeen), the default's first.
 COLORS = [
     "#868e96",
     "#f59f00",
@@ -45,6 +45,7 @@ COLORS = [
     "#1864ab",
     "#0ca678",
     "#e64980",
+    "#5c940d",
 ]
 
 
