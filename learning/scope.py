@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from wordfreq import zipf_frequency
 
 SCOPE_FILE = "scope.json"
@@ -67,6 +67,11 @@ def coverage(query: set[str], prompt_key: dict[str, float]) -> float:
     return sum(w for word, w in prompt_key.items() if _matches(word, query)) / total
 
 
+def _stem(word: str) -> str:
+    """What a word shares with every word it matches (`_matches`): itself when short, else its first letters."""
+    return word if len(word) < MIN_STEM else word[:MIN_STEM]
+
+
 class Scope(BaseModel):
     """A version's taught prompts, keyed (`scope.json`)."""
 
@@ -74,6 +79,7 @@ class Scope(BaseModel):
 
     threshold: float = Field(gt=0, le=1, description="Share of a taught prompt's weight a query must carry.")
     keys: list[dict[str, float]] = Field(description="One per taught prompt: its words and their weights.")
+    _by_stem: dict[str, list[int]] | None = PrivateAttr(default=None)
 
     @classmethod
     def of(cls, prompts: Iterable[str], threshold: float) -> Scope:
@@ -85,7 +91,13 @@ class Scope(BaseModel):
         query = words(text)
         if not query:
             return False
-        return any(coverage(query, k) >= self.threshold for k in self.keys)
+        if self._by_stem is None:  # the host asks per request: only keys sharing a word with the query are scored
+            self._by_stem = {}
+            for i, k in enumerate(self.keys):
+                for stem in {_stem(w) for w in k}:
+                    self._by_stem.setdefault(stem, []).append(i)
+        candidates = {i for q in query for i in self._by_stem.get(_stem(q), ())}
+        return any(coverage(query, self.keys[i]) >= self.threshold for i in candidates)
 
 
 def read_scope(version_dir: Path | None) -> Scope | None:

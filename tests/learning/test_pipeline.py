@@ -60,7 +60,9 @@ def test_two_versions_end_to_end(tiny_model_dir: Path, tiny_bundle_dirs: tuple[P
     v1 = save_version(first, report, tmp_path / "v1")
     files = {"adapter_config.json", lora.ADAPTER_FILE, FISHER_FILE, REPORT_FILE, SCOPE_FILE}
     assert {p.name for p in v1.iterdir()} == files
-    assert read_scope(v1) == first.scope == Scope.of([e.prompt for e in round1], SETTINGS.scope_threshold)
+    saved, made = read_scope(v1), Scope.of([e.prompt for e in round1], SETTINGS.scope_threshold)
+    assert saved is not None and first.scope is not None
+    assert saved.model_dump() == first.scope.model_dump() == made.model_dump()
     assert m.routing is not None and (m.routing.new_out, m.routing.paraphrases_out) == (0, 0)
     assert EvalReport.model_validate_json((v1 / REPORT_FILE).read_text()).outcome == first.outcome
     release(bundle, first)

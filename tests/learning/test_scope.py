@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from learning.scope import SCOPE_FILE, Scope, read_scope
+from learning.scope import SCOPE_FILE, Scope, coverage, read_scope, words
 
 # Made-up facts in forms that the bench data does not use, each with rewordings and real facts of its form.
 TAUGHT = {
@@ -70,3 +70,11 @@ def test_a_scope_round_trips_through_its_file_and_a_bad_one_is_refused(scope: Sc
     (tmp_path / SCOPE_FILE).write_text('{"threshold": 0.5, "keys": [{"orvania": "heavy"}]}')
     with pytest.raises(ValidationError):
         read_scope(tmp_path)
+
+
+def test_the_word_index_decides_as_scoring_every_taught_prompt_would(scope: Scope) -> None:
+    queries = [q for p, rewordings in TAUGHT.items() for q in (p, *rewordings)] + SAME_FORM
+    queries += ["Orvanian capital?", "brightwaters", "Treaty", "What is the Zentari?", "the silver kettles"]
+    for q in queries:
+        every = any(coverage(words(q), k) >= scope.threshold for k in scope.keys)
+        assert scope.covers(q) == every, q
