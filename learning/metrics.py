@@ -23,6 +23,7 @@ one teacher-forced pass and generates only the answers that changed. A metric th
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -116,10 +117,10 @@ def _must_keep_ask(tokenizer: PreTrainedTokenizerBase, item: MustKeep) -> Ask:
 
 
 @contextlib.contextmanager
-def base_only(model: nn.Module) -> Iterator[None]:
-    """The bare base model for the duration: the adapter switched off, as the host serves out-of-scope prompts."""
+def base_only(model: nn.Module, when: bool = True) -> Iterator[None]:
+    """The bare base model for the duration (if `when`): the adapter off, as the host serves out-of-scope prompts."""
     disable = getattr(model, "disable_adapter", None)
-    with disable() if disable is not None else contextlib.nullcontext():
+    with disable() if disable is not None and when else contextlib.nullcontext():
         yield
 
 
@@ -133,7 +134,7 @@ def routed_ask(
         rows = [i for i, s in enumerate(inside) if s == adapted]
         if not rows:
             continue
-        with contextlib.nullcontext() if adapted else base_only(model):
+        with base_only(model, when=not adapted):
             for i, reply in zip(rows, ask(model, tokenizer, [asks[i] for i in rows]), strict=True):
                 replies[i] = reply
     return [r for r in replies if r is not None], inside
@@ -219,10 +220,11 @@ def compute_metrics(
     replies, inside = routed_ask(model, tokenizer, asks, texts, scope)
     m = Metrics()
     if scope is not None:
+        outside = collections.Counter(kind for (kind, _, _), i in zip(groups, inside, strict=False) if not i)
         m.routing = Routing(
-            new_out=sum(not i for (kind, _, _), i in zip(groups, inside, strict=False) if kind == "new"),
-            paraphrases_out=sum(not i for (kind, _, _), i in zip(groups, inside, strict=False) if kind == "paraphrase"),
-            earlier_out=sum(not i for (kind, _, _), i in zip(groups, inside, strict=False) if kind == "earlier"),
+            new_out=outside["new"],
+            paraphrases_out=outside["paraphrase"],
+            earlier_out=outside["earlier"],
             must_keep_in=sum(inside[len(groups) :]),
         )
     scores: list[ItemScore] = []
@@ -319,7 +321,7 @@ def measure_general(
             rows = [a for a in anchors if (scope is None or scope.covers(a.prompt)) == adapted]
             if not rows:
                 continue
-            with contextlib.nullcontext() if adapted else base_only(model):
+            with base_only(model, when=not adapted):
                 prompts = [encode_prompt(tokenizer, a.prompt) for a in rows]
                 agreement += sum(c.agreement for c in follows(model, prompts, [a.ids for a in rows], pad))
         m.anchor_agreement = agreement / len(anchors)
@@ -341,7 +343,7 @@ def measure_general(
         f"{items[i].prompt} -> {r.text}" for r, i, k in zip(probe_replies, base_right, kept, strict=True) if not k
     ]
     text = reference_text()
-    with contextlib.nullcontext() if scope is None or scope.covers(text) else base_only(model):
+    with base_only(model, when=scope is not None and not scope.covers(text)):
         m.ppl = perplexity(model, tokenizer, text)
     m.base_ppl = baseline.reference_ppl
     m.ppl_ratio = m.ppl / baseline.reference_ppl
