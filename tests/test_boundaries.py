@@ -83,7 +83,7 @@ def test_import_direction(package: str) -> None:
 
 def test_light_learning_modules_do_not_import_torch() -> None:
     """The server embeds learning's config and report models through the protocol: they stay torch-free."""
-    for name in ("__init__", "config", "examples", "fsutil", "gates", "reports", "output_schema", "interrupt"):
+    for name in ("__init__", "config", "examples", "fsutil", "gates", "reports", "output_schema", "interrupt", "scope"):
         assert not {i.split(".")[0] for i in _imports(ROOT / "learning" / f"{name}.py")} & HEAVY
     for name in (
         "protocol", "settings", "deploy", "locks", "auth_token", "host_control", "lifecycle", "lease", "faults",
@@ -98,6 +98,7 @@ def test_light_learning_modules_do_not_import_torch() -> None:
             "learning.reports",
             "learning.output_schema",
             "learning.interrupt",
+            "learning.scope",
         }
         assert not {i for i in imports if i.startswith("learning.")} - light
     # The worker and watcher load torch only once a run starts, so a waiting watcher stays small.
