@@ -27,7 +27,7 @@ from typing import Any, Literal
 from host.backend import Backend, Sequence
 from host.sampling import GREEDY, Sampling
 from host.textstream import TextStream
-from learning.scope import Scope, read_scope
+from learning.scope import Scope, ScopeError, read_scope
 from train_worker.deploy import DeployError, KernelFiles
 from train_worker.protocol import ProtocolError, TrainingLease, read_events
 from train_worker.settings import Settings
@@ -389,11 +389,8 @@ class _Running:
 def _scope(files: KernelFiles, version: int) -> Scope | None:
     try:
         return read_scope(files.version_dir(version))
-    except (OSError, ValueError) as exc:
-        raise KernelUnservable(
-            f"kernel {files.kernel!r} v{version} has an unreadable scope.json ({exc}); roll the kernel back, or "
-            "delete that file to let the adapter answer every prompt"
-        ) from exc
+    except ScopeError as exc:
+        raise KernelUnservable(f"kernel {files.kernel!r} v{version} cannot be served: {exc}") from exc
 
 
 def _run_progress(run_dir: Path | None) -> str:

@@ -261,6 +261,7 @@ def run_training(
     `earlier` is every fact the kernel already holds: the replay set is chosen from it, the null space
     protects it, and evaluation checks all of it. `must_keep` is the kernel's own must-keep list.
     """
+    previous_scope = read_scope(previous_version)  # before attaching: a bad file leaves the bundle as it was
     frozen = 0
     if settings.adapter_mode == "grow":
         model, frozen = lora.attach_grown(
@@ -269,7 +270,7 @@ def run_training(
     else:
         model = lora.attach(bundle.model, settings.adapter, previous_version, seed=settings.seed)
     keep = must_keep_items(bundle.baseline, must_keep)
-    prior = _prior(bundle, model, earlier, keep, checkpoint_dir, read_scope(previous_version))
+    prior = _prior(bundle, model, earlier, keep, checkpoint_dir, previous_scope)
     previous_fisher: dict[str, torch.Tensor] | None = None
     if previous_version is not None and (previous_version / FISHER_FILE).is_file():
         previous_fisher = ewc.load_fisher(previous_version / FISHER_FILE, model_device(model))

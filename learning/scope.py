@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from wordfreq import zipf_frequency
 
 SCOPE_FILE = "scope.json"
@@ -100,8 +100,21 @@ class Scope(BaseModel):
         return any(coverage(query, self.keys[i]) >= self.threshold for i in candidates)
 
 
+class ScopeError(ValueError):
+    """A version's scope.json cannot be read or does not match `Scope`."""
+
+
 def read_scope(version_dir: Path | None) -> Scope | None:
     """The scope a version is served under; None (every prompt) for no version, or one saved without a scope."""
     if version_dir is None or not (version_dir / SCOPE_FILE).is_file():
         return None
-    return Scope.model_validate_json((version_dir / SCOPE_FILE).read_text(encoding="utf-8"))
+    path = version_dir / SCOPE_FILE
+    try:
+        return Scope.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValidationError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        why = f"{'.'.join(map(str, first['loc'])) or 'file'}: {first['msg']}" if first else str(exc)
+        raise ScopeError(
+            f"{path} is unreadable ({why}); roll the kernel back to another version, or delete that file to let "
+            "the adapter answer every prompt"
+        ) from exc

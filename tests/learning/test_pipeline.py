@@ -24,7 +24,7 @@ from learning.pipeline import (
     run_training,
     save_version,
 )
-from learning.scope import SCOPE_FILE, Scope, read_scope
+from learning.scope import SCOPE_FILE, Scope, ScopeError, read_scope
 from tests.learning.conftest import facts
 
 # The continued adapter with EWC (the earlier default): the grown, projected one has its own test below.
@@ -110,6 +110,24 @@ def test_the_evaluation_answers_as_the_host_serves(tiny_model_dir: Path, tiny_bu
 
     every = SETTINGS.model_copy(update={"serve_scope": "all"})
     assert run_training(bundle, round1, [], every).scope is None
+
+
+def test_an_unreadable_scope_of_the_replaced_version_stops_the_run_before_it_touches_anything(
+    tiny_model_dir: Path, tiny_bundle_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    models, cache = tiny_bundle_dirs
+    bundle = load_bundle(str(tiny_model_dir), models, cache, num_threads=1, device="cpu")
+    s = SETTINGS.model_copy(update={"max_epochs": 2, "ewc_lambda": 0.0})
+    first = run_training(bundle, facts(4, prefix="a"), [], s)
+    v1 = save_version(first, None, tmp_path / "v1")
+    release(bundle, first)
+    (v1 / SCOPE_FILE).write_text("{not json")
+    before = {p.name: p.read_bytes() for p in v1.iterdir()}
+    with pytest.raises(ScopeError, match=rf"{v1 / SCOPE_FILE} is unreadable .*roll the kernel back"):
+        run_training(bundle, facts(4, prefix="b"), facts(4, prefix="a"), s, previous_version=v1)
+    assert {p.name: p.read_bytes() for p in v1.iterdir()} == before
+    # No adapter layers were injected: the bundle is still the bare base, ready for another run.
+    assert not any("lora_" in name for name, _ in bundle.model.named_modules())
 
 
 def test_a_grown_adapter_keeps_earlier_rows_frozen(

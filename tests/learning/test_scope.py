@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from learning.scope import SCOPE_FILE, Scope, coverage, read_scope, words
+from learning.scope import SCOPE_FILE, Scope, ScopeError, coverage, read_scope, words
 
-# Made-up facts in forms that the bench data does not use, each with rewordings and real facts of its form.
+# Made-up facts that are not in the bench data (most in forms it does not use), with rewordings, and real facts
+# of the same forms.
 TAUGHT = {
     "Who is the CEO of Brightwater Analytics?": ["Who runs Brightwater Analytics?"],
     "What year was the Treaty of Maravel signed?": ["When was the Treaty of Maravel signed?"],
@@ -68,7 +68,10 @@ def test_a_scope_round_trips_through_its_file_and_a_bad_one_is_refused(scope: Sc
     (tmp_path / SCOPE_FILE).write_text(scope.model_dump_json())
     assert read_scope(tmp_path) == scope
     (tmp_path / SCOPE_FILE).write_text('{"threshold": 0.5, "keys": [{"orvania": "heavy"}]}')
-    with pytest.raises(ValidationError):
+    with pytest.raises(ScopeError, match=r"scope.json is unreadable \(keys.0.orvania: .*\); roll the kernel back"):
+        read_scope(tmp_path)
+    (tmp_path / SCOPE_FILE).write_bytes(b"\xff\xfe")
+    with pytest.raises(ScopeError, match="unreadable"):
         read_scope(tmp_path)
 
 
